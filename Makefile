@@ -1,0 +1,54 @@
+# sparsegen: `make demo` (train the CPU demo and build its report), `make test` (the test suite).
+# Both set themselves up on a fresh machine: a virtual environment in .venv with a pinned CPU torch.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (an unpinned `torch` would resolve to a multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+export MAX_JOBS ?= 2
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
+
+.PHONY: install build test test-fast demo bench cuda-build gpu-suite clean
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+# Incremental rebuild of the C++ extension in place whenever csrc/ changes.
+sparsegen_kernels/_C.so: $(VENV)/.installed $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+install: sparsegen_kernels/_C.so  ## set up .venv and build the extension
+
+build: install
+
+test: install  ## run the whole test suite (Triton kernels under TRITON_INTERPRET=1 when there is no GPU)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: install
+	$(PY) -m pytest -q -x -p no:cacheprovider tests -m "not slow"
+
+demo: install  ## train the CPU demo on the embedded `parts` data, write pictures and the report
+	$(PY) -m sparsegen demo --out runs/demo
+
+bench: install  ## CPU benchmarks (sparse vs dense, side by side), results under benchmarks/results/
+	$(PY) benchmarks/bench_topk.py
+	$(PY) benchmarks/bench_sparse_conv.py
+
+cuda-build:  ## compile the CUDA kernels against the CUDA build of torch (no GPU needed)
+	bash .ci/cuda_build.sh
+
+gpu-suite:  ## on a GPU machine: build, GPU tests, GPU benchmarks
+	bash benchmarks/gpu_suite.sh
+
+clean:
+	rm -rf build sparsegen_kernels/_C*.so *.egg-info

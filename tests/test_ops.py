@@ -1,0 +1,373 @@
+"""The public API of sparsegen_kernels against independent references, on every available device.
+
+References: a stable-sort top-k (reference.topk_compact_ref), torch.topk for the selected set,
+F.conv_transpose2d, F.interpolate + F.conv2d; gradcheck in float64; torch.library.opcheck.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsegen_kernels as sk
+from sparsegen_kernels import ops, reference
+from conftest import devices
+
+MODES = ["spatial", "channel", "global"]
+SHAPES = [(2, 3, 5, 7), (1, 8, 4, 4), (3, 7, 1, 9)]
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+
+
+def group_size(shape, mode):
+    return reference.group_geometry(mode, *shape[1:])[1]
+
+
+def ks_for(shape, mode):
+    size = group_size(shape, mode)
+    return sorted({1, max(1, size // 4), size})
+
+
+def sample_inputs(device, requires_grad=False, dtype=torch.float64):
+    """(x, k, mode, bias, relu) tuples covering every mode, k in {1, size/4, size}, bias/relu on and off."""
+    out = []
+    for shape in SHAPES:
+        for mode in MODES:
+            for k in ks_for(shape, mode):
+                for relu, with_bias in ((False, False), (True, True)):
+                    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=requires_grad)
+                    b = torch.randn(shape[1], device=device, dtype=dtype, requires_grad=requires_grad) \
+                        if with_bias else None
+                    out.append((x, k, mode, b, relu))
+    return out
+
+
+def id_of(args):
+    x, k, mode, b, relu = args
+    return f"{tuple(x.shape)}-{mode}-k{k}-bias{b is not None}-relu{relu}"
+
+
+# ----------------------------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_matches_stable_sort_reference(device, dtype):
+    for x, k, mode, b, relu in sample_inputs(device, dtype=dtype):
+        sa = sk.topk_compact(x, k, mode, b, relu)
+        v_ref, i_ref = reference.topk_compact_ref(x, k, mode, b, relu)
+        assert sa.indices.dtype == i_ref.dtype, id_of((x, k, mode, b, relu))
+        torch.testing.assert_close(sa.indices, i_ref, rtol=0, atol=0, msg=id_of((x, k, mode, b, relu)))
+        torch.testing.assert_close(sa.values, v_ref, **TOL[dtype])
+        dense = sk.topk_mask(x, k, mode, b, relu)
+        torch.testing.assert_close(dense, reference.topk_mask_ref(x, k, mode, b, relu), **TOL[dtype])
+        torch.testing.assert_close(sa.to_dense(), dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_selected_set_equals_torch_topk_without_ties(device, mode):
+    # Distinct values: the selected set is unique, so torch.topk is an independent reference.
+    x = torch.randperm(4 * 6 * 5 * 3, device=device).reshape(4, 6, 5, 3).double()
+    for k in ks_for(x.shape, mode):
+        sa = sk.topk_compact(x, k, mode)
+        g = reference.to_groups(x, mode)
+        expected = torch.topk(g, k, dim=-1).indices.sort(-1).values
+        assert torch.equal(sa.indices.long(), expected)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_ties_go_to_lower_index(device, mode):
+    # Integer-valued inputs with many exact ties, and ReLU zeros.
+    x = torch.randint(-2, 3, (3, 6, 4, 5), device=device).float()
+    for k in ks_for(x.shape, mode):
+        for relu in (False, True):
+            sa = sk.topk_compact(x, k, mode, relu=relu)
+            _, i_ref = reference.topk_compact_ref(x, k, mode, relu=relu)
+            assert torch.equal(sa.indices, i_ref), (mode, k, relu)
+    # All-equal group: the first k indices.
+    z = torch.zeros(2, 4, 3, 3, device=device)
+    sa = sk.topk_compact(z, 5, "spatial")
+    assert torch.equal(sa.indices.long(), torch.arange(5, device=device).expand(2, 4, 5))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_topk_non_contiguous_input(device):
+    base = torch.randn(3, 5, 6, 8, device=device)
+    x = base.permute(0, 1, 3, 2)  # non-contiguous [3, 5, 8, 6]
+    b = torch.randn(10, device=device)[::2]
+    for mode in MODES:
+        k = max(1, group_size(x.shape, mode) // 4)
+        sa = sk.topk_compact(x, k, mode, b, True)
+        v_ref, i_ref = reference.topk_compact_ref(x.contiguous(), k, mode, b.contiguous(), True)
+        assert torch.equal(sa.indices, i_ref)
+        torch.testing.assert_close(sa.values, v_ref)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_int32_indices_for_large_groups(device):
+    x = torch.randn(1, 3, 128, 128, device=device)  # global group of 49152 > 32767
+    sa = sk.topk_compact(x, 100, "global")
+    assert sa.indices.dtype == torch.int32
+    _, i_ref = reference.topk_compact_ref(x, 100, "global")
+    assert torch.equal(sa.indices, i_ref)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_topk_gradcheck(device):
+    for x, k, mode, b, relu in sample_inputs(device, requires_grad=True)[::3]:
+        # Keep values apart so a finite-difference step never changes the selection.
+        with torch.no_grad():
+            x.copy_(torch.randperm(x.numel(), dtype=torch.float64).reshape(x.shape) / x.numel())
+        assert torch.autograd.gradcheck(lambda x, b: sk.topk_compact(x, k, mode, b, relu).values, (x, b),
+                                        eps=1e-7), id_of((x, k, mode, b, relu))
+        assert torch.autograd.gradcheck(lambda x, b: sk.topk_mask(x, k, mode, b, relu), (x, b), eps=1e-7)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_topk_gradient_is_the_mask(device):
+    x = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    g = torch.randn(2, 4, 5, 5, device=device)
+    y = sk.topk_mask(x, 6, "spatial", b, True)
+    y.backward(g)
+    mask = (y > 0).float()
+    torch.testing.assert_close(x.grad, g * mask)
+    torch.testing.assert_close(b.grad, (g * mask).sum((0, 2, 3)))
+
+
+# ----------------------------------------------------------------------------------------------- convs
+CONV_CASES = [
+    # (N, Cin, H, W, Cout, kh, kw, stride, padding, output_padding)
+    (2, 5, 4, 3, 6, 4, 4, 2, 1, 0),
+    (1, 3, 5, 5, 4, 3, 3, 1, 1, 0),
+    (2, 4, 3, 4, 3, 3, 5, (2, 3), (0, 2), (1, 0)),
+    (3, 2, 2, 2, 5, 1, 1, 1, 0, 0),
+]
+
+
+def conv_inputs(case, mode, device, dtype=torch.float64, requires_grad=False):
+    N, Cin, H, W, Cout, kh, kw, stride, padding, op = case
+    x = torch.randn(N, Cin, H, W, device=device, dtype=dtype)
+    k = max(1, group_size(x.shape, mode) // 4)
+    sa = sk.topk_compact(x, k, mode, relu=True)
+    values = sa.values.detach().clone().requires_grad_(requires_grad)
+    sa = sk.SparseActivation(values, sa.indices, sa.shape, sa.mode)
+    w = torch.randn(Cin, Cout, kh, kw, device=device, dtype=dtype, requires_grad=requires_grad)
+    b = torch.randn(Cout, device=device, dtype=dtype, requires_grad=requires_grad)
+    return sa, w, b, stride, padding, op
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_sparse_conv_transpose2d_matches_f_conv_transpose2d(device, dtype, mode, case):
+    sa, w, b, stride, padding, op = conv_inputs(case, mode, device, dtype)
+    dense = sa.to_dense()
+    expected = F.conv_transpose2d(dense, w, b, stride=stride, padding=padding, output_padding=op)
+    out = sk.sparse_conv_transpose2d(sa, w, b, stride, padding, op)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    # A dense input with zeros gives the same result.
+    torch.testing.assert_close(sk.sparse_conv_transpose2d(dense, w, b, stride, padding, op), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("mode", MODES)
+def test_sparse_upsample_conv2d_matches_interpolate_conv2d(device, mode):
+    x = torch.randn(2, 6, 5, 4, device=device, dtype=torch.float64)
+    sa = sk.topk_compact(x, max(1, group_size(x.shape, mode) // 4), mode, relu=True)
+    w3 = torch.randn(7, 6, 3, 3, device=device, dtype=torch.float64)
+    b = torch.randn(7, device=device, dtype=torch.float64)
+    expected = F.conv2d(F.interpolate(sa.to_dense(), scale_factor=2, mode="nearest"), w3, b, padding=1)
+    torch.testing.assert_close(sk.sparse_upsample_conv2d(sa, w3, b), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_fold_is_exact_in_float64():
+    x = torch.randn(3, 4, 6, 5, dtype=torch.float64)
+    w3 = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    folded = F.conv_transpose2d(x, sk.fold_upsample_weight(w3), stride=2, padding=1)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w3, padding=1)
+    assert (folded - expected).abs().max().item() < 1e-13
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CONV_CASES[:3])
+def test_sparse_conv_gradcheck(device, mode, case):
+    sa, w, b, stride, padding, op = conv_inputs(case, mode, device, requires_grad=True)
+    idx, shape = sa.indices, sa.shape
+
+    def f(values, w, b):
+        return sk.sparse_conv_transpose2d(sk.SparseActivation(values, idx, shape, mode), w, b, stride, padding, op)
+
+    assert torch.autograd.gradcheck(f, (sa.values, w, b))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_sparse_conv_dense_input_gradcheck(device):
+    x = torch.relu(torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(3, 4, 4, 4, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: sk.sparse_conv_transpose2d(x, w, None, 2, 1), (x, w))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_upsample_conv_gradients_match_dense(device):
+    x = torch.randn(2, 6, 4, 4, device=device, dtype=torch.float64, requires_grad=True)
+    b0 = torch.randn(6, device=device, dtype=torch.float64, requires_grad=True)
+    w3 = torch.randn(5, 6, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    b3 = torch.randn(5, device=device, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 8, 8, device=device, dtype=torch.float64)
+    sk.sparse_upsample_conv2d(sk.topk_compact(x, 4, "spatial", b0, True), w3, b3).backward(g)
+    ours = [t.grad.clone() for t in (x, b0, w3, b3)]
+    for t in (x, b0, w3, b3):
+        t.grad = None
+    reference.sparse_upsample_conv2d_ref(reference.topk_mask_ref(x, 4, "spatial", b0, True), w3, b3).backward(g)
+    for a, t in zip(ours, (x, b0, w3, b3)):
+        torch.testing.assert_close(a, t.grad, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_conv_backward_saves_only_the_compact_input(device):
+    sa, w, b, stride, padding, op = conv_inputs(CONV_CASES[0], "spatial", device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sk.sparse_conv_transpose2d(sa, w, b, stride, padding, op)
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([tuple(sa.values.shape), tuple(sa.indices.shape), tuple(w.shape)])
+
+
+# ----------------------------------------------------------------------------------------------- opcheck
+def opcheck_samples(device):
+    x = torch.randn(2, 4, 3, 5, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    sa = sk.topk_compact(x.detach(), 4, "spatial", relu=True)
+    values = sa.values.clone().requires_grad_()
+    w = torch.randn(4, 3, 4, 4, device=device, requires_grad=True)
+    g = torch.randn(2, 3, 6, 10, device=device)
+    shape = list(x.shape)
+    return [
+        (ops._op("topk_compact"), (x, 4, "spatial", b, True)),
+        (ops._op("topk_compact"), (x, 3, "channel", None, False)),
+        (ops._op("topk_mask"), (x, 7, "global", b, True)),
+        (ops._op("compact_to_dense"), (values, sa.indices, "spatial", shape)),
+        (ops._op("compact_gather"), (x, sa.indices, "spatial")),
+        (ops._op("sparse_conv_transpose2d"), (values, sa.indices, "spatial", shape, w, None, [2, 2], [1, 1], [0, 0])),
+        (ops._op("sparse_conv_transpose2d"), (x, None, "spatial", shape, w, None, [2, 2], [1, 1], [0, 0])),
+        (ops._op("sparse_conv_transpose2d_input_grad"), (g, sa.indices, "spatial", shape, w.detach(), [2, 2], [1, 1])),
+        (ops._op("sparse_conv_transpose2d_weight_grad"),
+         (g, values.detach(), sa.indices, "spatial", shape, list(w.shape), [2, 2], [1, 1])),
+    ]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    for op, args in opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_topk_then_upsample_conv():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(sk.TopK(4, "spatial", relu=True), sk.SparseUpsampleConv2d(6, 5))
+    x = torch.randn(2, 6, 4, 4)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager)
+    xg = x.clone().requires_grad_()
+    compiled(xg).sum().backward()
+    xe = x.clone().requires_grad_()
+    model(xe).sum().backward()
+    torch.testing.assert_close(xg.grad, xe.grad)
+
+
+# ----------------------------------------------------------------------------------------------- modules
+def test_modules_match_dense_modules():
+    torch.manual_seed(1)
+    up = sk.SparseUpsampleConv2d(6, 5)
+    dense_up = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(6, 5, 3, padding=1))
+    dense_up[1].load_state_dict(up.state_dict())
+    x = torch.randn(2, 6, 4, 4)
+    sa = sk.TopK(4, "spatial", relu=True)(x)
+    torch.testing.assert_close(up(sa), dense_up(sa.to_dense()), atol=1e-5, rtol=1e-5)
+    ct = sk.SparseConvTranspose2d(6, 3, 4, stride=2, padding=1)
+    ref = torch.nn.ConvTranspose2d(6, 3, 4, stride=2, padding=1)
+    ref.load_state_dict(ct.state_dict())
+    torch.testing.assert_close(ct(sa), ref(sa.to_dense()), atol=1e-5, rtol=1e-5)
+    assert torch.equal(sk.TopK(4, "spatial", relu=True, compact=False)(x), sa.to_dense())
+
+
+def test_folded_weight_cache_follows_weight_updates():
+    up = sk.SparseUpsampleConv2d(3, 2)
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        a = up(x)
+        up.weight.mul_(2)
+        b = up(x)
+    torch.testing.assert_close(b - up.bias.view(1, -1, 1, 1), 2 * (a - up.bias.view(1, -1, 1, 1)))
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_bad_inputs_name_the_problem():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"k=10 .*'spatial'.*group size is 9"):
+        sk.topk_compact(x, 10, "spatial")
+    with pytest.raises(ValueError, match="k=0"):
+        sk.topk_mask(x, 0, "channel")
+    with pytest.raises(ValueError, match="unknown mode 'rows'"):
+        sk.topk_compact(x, 2, "rows")
+    with pytest.raises(ValueError, match="4 dimensions"):
+        sk.topk_compact(torch.randn(4, 3, 3), 2)
+    with pytest.raises(TypeError, match="floating-point"):
+        sk.topk_compact(torch.ones(2, 4, 3, 3, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match=r"bias must have shape \[4\]"):
+        sk.topk_compact(x, 2, bias=torch.randn(5))
+    with pytest.raises(TypeError, match="k must be an int"):
+        sk.topk_compact(x, 2.5)
+    with pytest.raises(ValueError, match="does not match the input's 4 channels"):
+        sk.sparse_conv_transpose2d(x, torch.randn(3, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"bias must have shape \[2\]"):
+        sk.sparse_conv_transpose2d(x, torch.randn(4, 2, 3, 3), torch.randn(3))
+    with pytest.raises(ValueError, match="output_padding"):
+        sk.sparse_conv_transpose2d(x, torch.randn(4, 2, 3, 3), None, 1, 0, 1)
+    with pytest.raises(ValueError, match=r"\[Cout, Cin, 3, 3\]"):
+        sk.sparse_upsample_conv2d(x, torch.randn(2, 4, 5, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        sk.sparse_conv_transpose2d(x, torch.randn(4, 2, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown backend"):
+        sk.set_backend("opencl")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices_rejected():
+    with pytest.raises(ValueError, match="is on"):
+        sk.topk_compact(torch.randn(1, 2, 3, 3, device="cuda"), 2, bias=torch.randn(2))
+
+
+def test_mixed_devices_rejected_meta():
+    with pytest.raises(ValueError, match="is on meta but x is on cpu"):
+        sk.topk_compact(torch.randn(1, 2, 3, 3), 2, bias=torch.randn(2, device="meta"))
+
+
+# ----------------------------------------------------------------------------------------------- properties
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(1, 3), C=st.integers(1, 9), H=st.integers(1, 7), W=st.integers(1, 7),
+       mode=st.sampled_from(MODES), kfrac=st.floats(0, 1), relu=st.booleans(), ties=st.booleans())
+def test_property_topk(N, C, H, W, mode, kfrac, relu, ties):
+    x = torch.randint(-3, 4, (N, C, H, W)).float() if ties else torch.randn(N, C, H, W)
+    size = group_size(x.shape, mode)
+    k = max(1, min(size, round(kfrac * size)))
+    sa = sk.topk_compact(x, k, mode, relu=relu)
+    _, i_ref = reference.topk_compact_ref(x, k, mode, relu=relu)
+    assert torch.equal(sa.indices, i_ref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(Cin=st.integers(1, 6), Cout=st.integers(1, 6), H=st.integers(1, 6), W=st.integers(1, 6),
+       kh=st.integers(1, 5), kw=st.integers(1, 5), s=st.integers(1, 3), p=st.integers(0, 2),
+       mode=st.sampled_from(MODES), kfrac=st.floats(0, 1))
+def test_property_sparse_conv(Cin, Cout, H, W, kh, kw, s, p, mode, kfrac):
+    p = min(p, (kh - 1) // 2, (kw - 1) // 2)
+    x = torch.randn(2, Cin, H, W, dtype=torch.float64)
+    size = group_size(x.shape, mode)
+    sa = sk.topk_compact(x, max(1, min(size, round(kfrac * size))), mode)
+    w = torch.randn(Cin, Cout, kh, kw, dtype=torch.float64)
+    expected = F.conv_transpose2d(sa.to_dense(), w, stride=s, padding=p)
+    torch.testing.assert_close(sk.sparse_conv_transpose2d(sa, w, None, s, p), expected, atol=1e-12, rtol=1e-12)
