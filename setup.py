@@ -40,7 +40,7 @@ def _extension():
     print(f"sparsegen: CUDA kernels {'ON' if build_cuda else 'OFF'} ({reason})")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx = opt + ["-std=c++17", "-fopenmp"]
     extra = {"cxx": cxx}
     kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True)
     if build_cuda:
