@@ -1,0 +1,322 @@
+"""The Triton kernels against the references: CPU tensors under TRITON_INTERPRET=1 (CUDA tensors on a GPU).
+
+Small shapes with large blocks keep the interpreter (whose cost is per program) fast. Selection is checked
+bit for bit; convolutions against float64 references by relative error.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+from sparsegen_kernels import reference as R  # noqa: E402
+from sparsegen_kernels.triton import PROVIDERS  # noqa: E402
+from sparsegen_kernels.triton import sparse_conv, topk  # noqa: E402
+
+MODES = ("spatial", "channel", "global")
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# float32 dot products may run as TF32 on a GPU when torch allows it.
+F32_TOL = 1e-3 if (DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32) else 1e-5
+TOL = {torch.float64: 1e-12, torch.float32: F32_TOL, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def sample_x(shape, dtype, ties=True):
+    x = torch.randn(shape, dtype=torch.float32)
+    if ties:  # coarse values: many exact ties, zeros of both signs
+        x = (x * 2).round() / 2
+        x[..., ::5] = -0.0
+    return x.to(dtype).to(DEVICE)
+
+
+def k_for(mode, shape, frac=0.3):
+    N, C, H, W = shape
+    return max(1, int(R.group_geometry(mode, C, H, W)[1] * frac))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Providers table
+# ---------------------------------------------------------------------------------------------------
+def test_providers_complete():
+    assert set(PROVIDERS) == {
+        "topk_compact", "topk_mask", "compact_to_dense", "compact_gather", "sparse_conv_transpose2d",
+        "sparse_conv_transpose2d_input_grad", "sparse_conv_transpose2d_weight_grad"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------------
+def check_topk(x, k, mode, bias, relu):
+    values, indices = PROVIDERS["topk_compact"](x, k, mode, bias, relu)
+    out, indices2 = PROVIDERS["topk_mask"](x, k, mode, bias, relu)
+    xr, br = x.cpu(), None if bias is None else bias.cpu()
+    rv, ri = R.topk_compact_ref(xr, k, mode, br, relu)
+    assert indices.dtype == ri.dtype and values.dtype == x.dtype and out.dtype == x.dtype
+    assert torch.equal(indices.cpu(), ri)
+    assert torch.equal(indices2.cpu(), ri)
+    assert torch.equal(values.cpu(), rv)
+    assert torch.equal(out.cpu(), R.topk_mask_ref(xr, k, mode, br, relu))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, True)])
+def test_topk_exact(mode, dtype, bias, relu):
+    shape = (2, 5, 6, 7)
+    x = sample_x(shape, dtype)
+    b = (torch.randn(shape[1]).round() / 2).to(dtype).to(DEVICE) if bias else None
+    check_topk(x, k_for(mode, shape), mode, b, relu)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topk_edge_k(mode):
+    shape = (2, 3, 4, 5)
+    x = sample_x(shape, torch.float32)
+    size = R.group_geometry(mode, *shape[1:])[1]
+    for k in (1, size):
+        check_topk(x, k, mode, None, False)
+    check_topk(torch.zeros(shape, device=DEVICE), 3, mode, None, True)  # all ties
+    special = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 3.0e38, -3.0e38])
+    xs = special[torch.randint(0, len(special), shape)].to(DEVICE)
+    check_topk(xs, min(4, size), mode, None, False)
+
+
+def test_topk_bias_rounding_half():
+    # x + bias must round to the input dtype before selection, exactly as torch computes it.
+    shape = (1, 4, 8, 8)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(shape).to(dtype).to(DEVICE)
+        b = (torch.randn(shape[1]) * 100).to(dtype).to(DEVICE)
+        check_topk(x, 16, "spatial", b, False)
+
+
+@pytest.mark.parametrize("mode,dtype", [("spatial", torch.float32), ("channel", torch.bfloat16),
+                                        ("global", torch.float32), ("global", torch.float64)])
+def test_topk_chunked_radix(mode, dtype, monkeypatch):
+    # Force the multi-program radix path (used for group sizes above SINGLE_BLOCK_MAX) on small groups.
+    monkeypatch.setattr(topk, "SINGLE_BLOCK_MAX", 16)
+    monkeypatch.setattr(topk, "CHUNK", 32)
+    shape = (2, 3, 7, 5)
+    x = sample_x(shape, dtype)
+    b = torch.randn(shape[1]).to(dtype).to(DEVICE)
+    check_topk(x, k_for(mode, shape), mode, b, True)
+    check_topk(x, 1, mode, None, False)
+
+
+def test_topk_large_global():
+    shape = (1, 3, 96, 96)  # 27648 elements per group: the chunked path at its real chunk size
+    x = sample_x(shape, torch.float32)
+    check_topk(x, 5000, "global", None, True)
+
+
+def test_topk_rejects_bad_input():
+    x = torch.randn(1, 2, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="k=10"):
+        PROVIDERS["topk_compact"](x, 10, "spatial", None, False)
+    with pytest.raises(ValueError, match="mode"):
+        PROVIDERS["topk_compact"](x, 1, "rows", None, False)
+    with pytest.raises(TypeError):
+        PROVIDERS["topk_compact"](x.to(torch.int32), 1, "spatial", None, False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compact_layout(mode, dtype):
+    shape = (2, 5, 4, 3)
+    x = torch.randn(shape).to(dtype)
+    v, i = R.topk_compact_ref(x, k_for(mode, shape), mode)
+    dense = PROVIDERS["compact_to_dense"](v.to(DEVICE), i.to(DEVICE), mode, list(shape))
+    assert torch.equal(dense.cpu(), R.compact_to_dense_ref(v, i, mode, shape))
+    y = torch.randn(shape).to(dtype)
+    g = PROVIDERS["compact_gather"](y.to(DEVICE), i.to(DEVICE), mode)
+    assert torch.equal(g.cpu(), R.compact_gather_ref(y, i, mode))
+    # a non-contiguous dense input
+    yt = y.to(DEVICE).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert torch.equal(PROVIDERS["compact_gather"](yt, i.to(DEVICE), mode).cpu(), R.compact_gather_ref(y, i, mode))
+
+
+def test_compact_layout_int32_indices():
+    shape = (1, 2, 140, 120)  # global group of 33600 > 32767: int32 indices
+    x = torch.randn(shape)
+    v, i = R.topk_compact_ref(x, 300, "global")
+    assert i.dtype == torch.int32
+    dense = PROVIDERS["compact_to_dense"](v.to(DEVICE), i.to(DEVICE), "global", list(shape))
+    assert torch.equal(dense.cpu(), R.compact_to_dense_ref(v, i, "global", shape))
+    assert torch.equal(PROVIDERS["compact_gather"](x.to(DEVICE), i.to(DEVICE), "global").cpu(), v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sparse transposed convolution
+# ---------------------------------------------------------------------------------------------------
+# (N, Cin, H, W, Cout, kh, kw, stride, padding, output_padding); kh = 0 means the folded 3x3 upsample weight.
+GEOMETRIES = [
+    (2, 6, 5, 4, 7, 0, 0, (2, 2), (1, 1), (0, 0)),
+    (1, 5, 3, 4, 9, 3, 3, (1, 1), (1, 1), (0, 0)),
+    (2, 4, 4, 3, 5, 3, 2, (3, 2), (2, 0), (1, 1)),
+    (1, 3, 3, 5, 17, 1, 1, (2, 2), (0, 0), (1, 0)),  # phases without taps: bias only
+    (1, 7, 2, 3, 6, 5, 4, (2, 3), (1, 2), (1, 2)),
+]
+
+
+def make_conv_case(geo, mode, density, dtype, seed=0):
+    N, Cin, H, W, Cout, kh, kw, stride, padding, output_padding = geo
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((N, Cin, H, W), generator=gen)
+    if kh == 0:
+        weight = R.fold_upsample_weight(torch.randn((Cout, Cin, 3, 3), generator=gen))  # non-contiguous view
+    else:
+        weight = torch.randn((Cin, Cout, kh, kw), generator=gen)
+    bias = torch.randn((Cout,), generator=gen)
+    k = max(1, int(R.group_geometry(mode, Cin, H, W)[1] * density))
+    values, indices = R.topk_compact_ref(x, k, mode)
+    return dict(mode=mode, values=values.to(dtype), indices=indices, weight=weight.to(dtype), bias=bias.to(dtype),
+                stride=list(stride), padding=list(padding), output_padding=list(output_padding),
+                in_shape=[N, Cin, H, W])
+
+
+def ref_conv(c):
+    dense = R.compact_to_dense_ref(c["values"].double(), c["indices"], c["mode"], c["in_shape"])
+    return R.sparse_conv_transpose2d_ref(dense, c["weight"].double(), c["bias"].double(), c["stride"],
+                                         c["padding"], c["output_padding"])
+
+
+def dev(t):
+    return None if t is None else t.to(DEVICE)
+
+
+STRATEGIES = {"spatial": ("scatter", "gemm"), "channel": ("gather", "scatter", "gemm"), "global": ("scatter", "gemm")}
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+@pytest.mark.parametrize("mode", MODES)
+def test_conv_forward_strategies(geo, mode):
+    c = make_conv_case(geo, mode, 0.3, torch.float32)
+    ref = ref_conv(c)
+    for strategy in STRATEGIES[mode]:
+        out = sparse_conv.sparse_conv_transpose2d(dev(c["values"]), dev(c["indices"]), mode, c["in_shape"],
+                                                  dev(c["weight"]), dev(c["bias"]), c["stride"], c["padding"],
+                                                  c["output_padding"], strategy=strategy)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert rel_err(out, ref) < F32_TOL, strategy
+    # default strategy through the provider, no bias
+    out = PROVIDERS["sparse_conv_transpose2d"](dev(c["values"]), dev(c["indices"]), mode, c["in_shape"],
+                                               dev(c["weight"]), None, c["stride"], c["padding"],
+                                               c["output_padding"])
+    assert rel_err(out, ref - c["bias"].double().view(1, -1, 1, 1)) < F32_TOL
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES[:3])
+def test_conv_forward_dense_input(geo):
+    c = make_conv_case(geo, "spatial", 0.25, torch.float32)
+    dense = R.compact_to_dense_ref(c["values"], c["indices"], "spatial", c["in_shape"])
+    ref = R.sparse_conv_transpose2d_ref(dense.double(), c["weight"].double(), c["bias"].double(), c["stride"],
+                                        c["padding"], c["output_padding"])
+    for x in (dense, dense.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+        out = PROVIDERS["sparse_conv_transpose2d"](dev(x), None, "spatial", c["in_shape"], dev(c["weight"]),
+                                                   dev(c["bias"]), c["stride"], c["padding"], c["output_padding"])
+        assert rel_err(out, ref) < F32_TOL
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_forward_dtypes(mode, dtype):
+    c = make_conv_case(GEOMETRIES[0], mode, 0.3, dtype)
+    ref = ref_conv(c)
+    for strategy in STRATEGIES[mode]:
+        out = sparse_conv.sparse_conv_transpose2d(dev(c["values"]), dev(c["indices"]), mode, c["in_shape"],
+                                                  dev(c["weight"]), dev(c["bias"]), c["stride"], c["padding"],
+                                                  c["output_padding"], strategy=strategy)
+        assert out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], strategy
+
+
+def grads_ref(c, mode, grad_out):
+    dense = R.compact_to_dense_ref(c["values"].double(), c["indices"], mode, c["in_shape"]).requires_grad_()
+    w = c["weight"].double().clone().requires_grad_()
+    out = F.conv_transpose2d(dense, w, None, c["stride"], c["padding"], c["output_padding"])
+    out.backward(grad_out.double())
+    return R.compact_gather_ref(dense.grad, c["indices"], mode), w.grad, dense.detach()
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+@pytest.mark.parametrize("mode", MODES)
+def test_conv_backward(geo, mode):
+    c = make_conv_case(geo, mode, 0.3, torch.float32)
+    ref = ref_conv(c)
+    grad_out = torch.randn(ref.shape)
+    gi_ref, gw_ref, dense = grads_ref(c, mode, grad_out)
+    args = (dev(grad_out), dev(c["indices"]), mode, c["in_shape"], dev(c["weight"]), c["stride"], c["padding"])
+    for strategy in ("entries", "gemm"):
+        gi = sparse_conv.sparse_conv_transpose2d_input_grad(*args, strategy=strategy)
+        assert gi.shape == c["indices"].shape and gi.dtype == torch.float32
+        assert rel_err(gi, gi_ref) < F32_TOL, strategy
+    assert rel_err(PROVIDERS["sparse_conv_transpose2d_input_grad"](*args), gi_ref) < F32_TOL
+    wshape = list(c["weight"].shape)
+    for strategy in ("segment", "gemm"):
+        gw = sparse_conv.sparse_conv_transpose2d_weight_grad(
+            dev(grad_out), dev(c["values"]), dev(c["indices"]), mode, c["in_shape"], wshape, c["stride"],
+            c["padding"], strategy=strategy)
+        assert list(gw.shape) == wshape and gw.is_contiguous()
+        assert rel_err(gw, gw_ref) < F32_TOL, strategy
+    gw = PROVIDERS["sparse_conv_transpose2d_weight_grad"](dev(grad_out), dev(dense.float()), None, mode,
+                                                          c["in_shape"], wshape, c["stride"], c["padding"])
+    assert rel_err(gw, gw_ref) < F32_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["spatial", "channel"])
+def test_conv_backward_dtypes(dtype, mode):
+    c = make_conv_case(GEOMETRIES[0], mode, 0.3, dtype)
+    grad_out = torch.randn(ref_conv(c).shape).to(dtype)
+    gi_ref, gw_ref, _ = grads_ref(c, mode, grad_out)
+    args = (dev(grad_out), dev(c["indices"]), mode, c["in_shape"], dev(c["weight"]), c["stride"], c["padding"])
+    for strategy in ("entries", "gemm"):
+        gi = sparse_conv.sparse_conv_transpose2d_input_grad(*args, strategy=strategy)
+        assert gi.dtype == dtype and rel_err(gi, gi_ref) < TOL[dtype], strategy
+    for strategy in ("segment", "gemm"):
+        gw = sparse_conv.sparse_conv_transpose2d_weight_grad(
+            dev(grad_out), dev(c["values"]), dev(c["indices"]), mode, c["in_shape"], list(c["weight"].shape),
+            c["stride"], c["padding"], strategy=strategy)
+        assert gw.dtype == dtype and rel_err(gw, gw_ref) < TOL[dtype], strategy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_weight_grad_split_k(dtype, monkeypatch):
+    # The N*H*W reduction split over several programs, partial sums added afterwards.
+    monkeypatch.setattr(sparse_conv, "WGRAD_TARGET_PROGRAMS", 10**6)
+    c = make_conv_case((2, 3, 16, 16, 4, 3, 3, (1, 1), (1, 1), (0, 0)), "spatial", 0.25, dtype)
+    grad_out = torch.randn(ref_conv(c).shape).to(dtype)
+    _, gw_ref, _ = grads_ref(c, "spatial", grad_out)
+    gw = sparse_conv.sparse_conv_transpose2d_weight_grad(
+        dev(grad_out), dev(c["values"]), dev(c["indices"]), "spatial", c["in_shape"], list(c["weight"].shape),
+        c["stride"], c["padding"], strategy="gemm")
+    assert rel_err(gw, gw_ref) < TOL[dtype]
+
+
+def test_conv_rejects_bad_input():
+    c = make_conv_case(GEOMETRIES[1], "spatial", 0.3, torch.float32)
+    with pytest.raises(TypeError):
+        PROVIDERS["sparse_conv_transpose2d"](dev(c["values"]), dev(c["indices"]), "spatial", c["in_shape"],
+                                             dev(c["weight"].double()), None, c["stride"], c["padding"],
+                                             c["output_padding"])
+    with pytest.raises(ValueError):
+        PROVIDERS["sparse_conv_transpose2d"](dev(c["values"]), dev(c["indices"]), "channel", c["in_shape"],
+                                             dev(c["weight"]), None, c["stride"], c["padding"],
+                                             c["output_padding"])
