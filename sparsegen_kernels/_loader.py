@@ -12,6 +12,19 @@ def load_extension() -> bool:
     global _LOADED, _LOAD_ERROR
     if _LOADED or _LOAD_ERROR is not None:
         return _LOADED
+    import glob
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not glob.glob(os.path.join(here, "_C*.so")) and not glob.glob(os.path.join(here, "_C*.pyd")):
+        _LOAD_ERROR = "the extension is not built"
+        warnings.warn(
+            "sparsegen_kernels._C is not built; the ops fall back to the pure-PyTorch references (slow). "
+            "Build it with `pip install --no-build-isolation -e .` or `make install`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
     try:
         from . import _C  # noqa: F401  (import registers the ops)
 
