@@ -40,14 +40,14 @@ def _extension():
     print(f"sparsegen: CUDA kernels {'ON' if build_cuda else 'OFF'} ({reason})")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp"]
+    cxx = opt + ["-fopenmp"]
     extra = {"cxx": cxx}
     kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True)
     if build_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extra["cxx"] = cxx + ["-DSPARSEGEN_WITH_CUDA"]
         extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]) + [
-            "-std=c++17", "--use_fast_math", "-DSPARSEGEN_WITH_CUDA",
+            "--use_fast_math", "-DSPARSEGEN_WITH_CUDA",
         ]
         return CUDAExtension("sparsegen_kernels._C", sources, extra_compile_args=extra, **kwargs)
     return CppExtension("sparsegen_kernels._C", sources, extra_compile_args=extra, **kwargs)

@@ -1,0 +1,299 @@
+"""The CUDA C++ kernels (``torch.ops.sparsegen.*_cuda``) against the pure-PyTorch references.
+
+Selection must match bit for bit (ties to the lower index, ascending index order); convolutions and their
+gradients are compared with float64 references: float32/float64 tightly, float16/bfloat16 at most twice the
+error PyTorch's own op makes at that dtype. Skipped without a CUDA device or without the compiled kernels.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+
+from sparsegen_kernels import reference as R  # noqa: E402
+
+OPS = ("topk_compact_cuda", "topk_mask_cuda", "compact_to_dense_cuda", "compact_gather_cuda",
+       "sparse_conv_transpose2d_cuda", "sparse_conv_transpose2d_input_grad_cuda",
+       "sparse_conv_transpose2d_weight_grad_cuda")
+
+
+def _cuda_kernels_present() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import sparsegen_kernels  # noqa: F401  (loads _C, which registers the ops)
+    except ImportError:
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegen::{op}", "CUDA") for op in OPS)
+
+
+if not _cuda_kernels_present():
+    pytest.skip("needs a CUDA device and sparsegen_kernels._C built with its CUDA kernels", allow_module_level=True)
+
+OPS_NS = torch.ops.sparsegen
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def with_ties(x):
+    """Round a third of the entries to quarters so equal values (ties) are plentiful; keep a zero block."""
+    x = x.clone()
+    flat = x.view(-1)
+    flat[::3] = (flat[::3] * 4).round() / 4
+    flat[: max(1, flat.numel() // 50)] = 0.0
+    return x
+
+
+# ---- selection ----------------------------------------------------------------------------------------
+# (shape, k, mode): every size class of the warp kernel (group <= 1024, 1..32 keys per lane), the block
+# kernel with keys in shared memory (larger groups) and without (global groups beyond shared memory),
+# odd shapes, k = 1 and k = group size, int32 indices (group > 32767).
+TOPK_CASES = [
+    ((2, 3, 4, 4), 4, "spatial"),
+    ((3, 5, 7, 7), 12, "spatial"),
+    ((2, 4, 8, 8), 1, "spatial"),
+    ((2, 4, 8, 8), 64, "spatial"),
+    ((2, 3, 10, 10), 25, "spatial"),
+    ((2, 3, 13, 17), 55, "spatial"),
+    ((2, 5, 32, 32), 256, "spatial"),
+    ((1, 3, 45, 45), 506, "spatial"),
+    ((2, 7, 3, 5), 3, "channel"),
+    ((2, 100, 3, 3), 8, "channel"),
+    ((2, 1000, 2, 3), 250, "channel"),
+    ((4, 3200, 4, 4), 8, "channel"),
+    ((2, 5, 3, 7), 17, "global"),
+    ((2, 64, 16, 16), 4096, "global"),
+    ((2, 16, 100, 100), 5000, "global"),  # 160000 per group: keys re-read from global memory
+    ((1, 2, 200, 200), 1, "global"),
+]
+
+
+@pytest.mark.parametrize("shape,k,mode", TOPK_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_exact(shape, k, mode, dtype):
+    x = with_ties(torch.randn(shape, device=DEV)).to(dtype)
+    bias = torch.randn(shape[1], device=DEV).to(dtype)
+    for b, relu in ((None, False), (bias, False), (None, True), (bias, True)):
+        rv, ri = R.topk_compact_ref(x, k, mode, b, relu)
+        values, indices = OPS_NS.topk_compact_cuda(x, k, mode, b, relu)
+        out, indices2 = OPS_NS.topk_mask_cuda(x, k, mode, b, relu)
+        assert indices.dtype == ri.dtype and indices2.dtype == ri.dtype
+        assert values.dtype == dtype and out.dtype == dtype and out.shape == x.shape
+        assert torch.equal(indices, ri), (b is not None, relu)
+        assert torch.equal(indices2, ri), (b is not None, relu)
+        assert torch.equal(values, rv), (b is not None, relu)
+        assert torch.equal(out, R.compact_to_dense_ref(rv, ri, mode, shape)), (b is not None, relu)
+
+
+@pytest.mark.parametrize("mode", ["spatial", "channel", "global"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_all_equal_and_special_values(mode, dtype):
+    """All-equal groups (pure tie-breaking), +-0.0, +-inf and NaN (NaN ranks above +inf, as in torch.sort)."""
+    shape = (2, 6, 5, 5)
+    G, size = R.group_geometry(mode, *shape[1:])
+    x = torch.zeros(shape, device=DEV, dtype=dtype)
+    k = max(1, size // 3)
+    for make in (lambda t: t.fill_(1.5), lambda t: t.fill_(0.0)):
+        make(x)
+        rv, ri = R.topk_compact_ref(x, k, mode)
+        values, indices = OPS_NS.topk_compact_cuda(x, k, mode, None, False)
+        assert torch.equal(indices, ri) and torch.equal(values, rv)
+    y = torch.randn(shape, device=DEV).to(dtype)
+    flat = y.view(-1)
+    flat[::7] = 0.0
+    flat[1::7] = -0.0
+    flat[2::11] = float("inf")
+    flat[3::11] = float("-inf")
+    flat[5::13] = float("nan")
+    for relu in (False, True):
+        rv, ri = R.topk_compact_ref(y, k, mode, None, relu)
+        values, indices = OPS_NS.topk_compact_cuda(y, k, mode, None, relu)
+        assert torch.equal(indices, ri), relu
+        assert torch.allclose(values, rv, equal_nan=True), relu
+
+
+def test_topk_bad_arguments():
+    x = torch.randn(2, 3, 4, 4, device=DEV)
+    with pytest.raises(ValueError, match="spatial"):
+        OPS_NS.topk_compact_cuda(x, 17, "spatial", None, False)
+    with pytest.raises(ValueError):
+        OPS_NS.topk_compact_cuda(x, 0, "channel", None, False)
+    with pytest.raises(ValueError):
+        OPS_NS.topk_mask_cuda(x, 1, "rows", None, False)
+    with pytest.raises(TypeError):
+        OPS_NS.topk_compact_cuda(x, 2, "spatial", torch.zeros(3, device=DEV, dtype=torch.float64), False)
+    with pytest.raises(ValueError):
+        OPS_NS.topk_compact_cuda(x, 2, "spatial", torch.zeros(4, device=DEV), False)
+
+
+def test_topk_noncontiguous_input():
+    x = torch.randn(2, 8, 6, 10, device=DEV).transpose(2, 3)
+    rv, ri = R.topk_compact_ref(x, 7, "spatial", None, True)
+    values, indices = OPS_NS.topk_compact_cuda(x, 7, "spatial", None, True)
+    assert torch.equal(indices, ri) and torch.equal(values, rv)
+
+
+# ---- layout ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,k,mode", [((2, 3, 5, 7), 9, "spatial"), ((2, 40, 3, 3), 5, "channel"),
+                                          ((2, 4, 3, 5), 11, "global")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64])
+def test_layout(shape, k, mode, dtype, index_dtype):
+    x = torch.randn(shape, device=DEV).to(dtype)
+    rv, ri = R.topk_compact_ref(x, k, mode)
+    idx = ri.to(index_dtype)
+    dense = OPS_NS.compact_to_dense_cuda(rv, idx, mode, list(shape))
+    assert torch.equal(dense, R.compact_to_dense_ref(rv, ri, mode, shape))
+    other = torch.randn(shape, device=DEV).to(dtype)
+    assert torch.equal(OPS_NS.compact_gather_cuda(other, idx, mode), R.compact_gather_ref(other, ri, mode))
+
+
+# ---- sparse transposed convolution ----------------------------------------------------------------------------
+# (in_shape, Cout, kernel, stride, padding, output_padding, mode, k, folded)
+CONV_CASES = [
+    ((2, 32, 8, 8), 16, (4, 4), 2, 1, 0, "spatial", 16, True),  # folded upsample conv, 25% density
+    ((2, 48, 7, 5), 32, (4, 4), 2, 1, 0, "spatial", 9, True),  # odd sizes, 25%
+    ((2, 320, 4, 4), 64, (4, 4), 2, 1, 0, "channel", 8, True),  # the FC layer's channel top-8 (2.5%)
+    ((2, 16, 6, 6), 24, (4, 4), 2, 1, 0, "global", 100, True),
+    ((2, 5, 6, 7), 3, (3, 3), 1, 1, 0, "spatial", 10, False),
+    ((2, 6, 5, 4), 7, (5, 3), (3, 2), (2, 1), (2, 1), "channel", 2, False),
+    ((3, 4, 5, 5), 9, (1, 1), 1, 0, 0, "global", 20, False),
+    ((1, 33, 9, 9), 40, (2, 2), 2, 0, 1, "spatial", 20, False),
+]
+
+
+def _pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def _conv_case(case, dtype, seed=0):
+    """Inputs at ``dtype`` (``*_lo``) and the same numbers in float64 (``*_ref``) for the reference."""
+    in_shape, Cout, ks, stride, padding, out_pad, mode, k, folded = case
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    N, Cin, H, W = in_shape
+    x = torch.randn(in_shape, device=DEV, dtype=torch.float64, generator=g)
+    if folded:
+        w3 = torch.randn(Cout, Cin, 3, 3, device=DEV, dtype=torch.float64, generator=g) / (Cin * 9) ** 0.5
+        w = R.fold_upsample_weight(w3)  # [Cin, Cout, 4, 4] view of [Cin, 4, 4, Cout] storage
+        w_lo = w.permute(0, 2, 3, 1).contiguous().to(dtype).permute(0, 3, 1, 2)  # same layout at dtype
+        assert not w_lo.is_contiguous()
+    else:
+        w_lo = (torch.randn(Cin, Cout, *ks, device=DEV, dtype=torch.float64, generator=g)
+                / (Cin * ks[0] * ks[1]) ** 0.5).to(dtype)
+    b_lo = torch.randn(Cout, device=DEV, dtype=torch.float64, generator=g).to(dtype)
+    v, i = R.topk_compact_ref(x, k, mode, None, True)  # after ReLU: some selected values may be zero
+    geo = dict(stride=_pair(stride), padding=_pair(padding), output_padding=_pair(out_pad))
+    return dict(in_shape=in_shape, mode=mode, i=i, v_lo=v.to(dtype), v_ref=v.to(dtype).double(), w_lo=w_lo,
+                w_ref=w_lo.double(), b_lo=b_lo, b_ref=b_lo.double(), geo=geo)
+
+
+def _torch_conv(dense, w, b, geo):
+    return F.conv_transpose2d(dense, w, b, stride=geo["stride"], padding=geo["padding"],
+                              output_padding=geo["output_padding"])
+
+
+def _tol(dtype, torch_err):
+    if dtype == torch.float64:
+        return 1e-12
+    if dtype == torch.float32:
+        return 2e-6  # float32 CUDA-core accumulation (PyTorch's own conv may use TF32; not the bar here)
+    return max(2 * torch_err, 1e-4)
+
+
+def _run_conv(c, values, indices, bias):
+    geo = c["geo"]
+    return OPS_NS.sparse_conv_transpose2d_cuda(values, indices, c["mode"], list(c["in_shape"]), c["w_lo"], bias,
+                                               geo["stride"], geo["padding"], geo["output_padding"])
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_forward(case, dtype):
+    c = _conv_case(case, dtype)
+    mode, i, geo = c["mode"], c["i"], c["geo"]
+    dense_ref = R.compact_to_dense_ref(c["v_ref"], i, mode, c["in_shape"])
+    dense_lo = R.compact_to_dense_ref(c["v_lo"], i, mode, c["in_shape"])
+    for bias_lo, bias_ref in ((c["b_lo"], c["b_ref"]), (None, None)):
+        ref = _torch_conv(dense_ref, c["w_ref"], bias_ref, geo)
+        tol = _tol(dtype, rel_err(_torch_conv(dense_lo, c["w_lo"], bias_lo, geo), ref))
+        out = _run_conv(c, c["v_lo"], i, bias_lo)
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
+        # Dense input with zeros (indices = None): the same result.
+        out_d = _run_conv(c, dense_lo, None, bias_lo)
+        assert out_d.dtype == dtype and out_d.shape == ref.shape
+        assert rel_err(out_d, ref) <= tol, (rel_err(out_d, ref), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv_tensor_core_path_large(dtype):
+    """The folded conv at a paper64 size and 25% density (the tensor-core path for the half types)."""
+    case = ((4, 256, 16, 16), 128, (4, 4), 2, 1, 0, "spatial", 64, True)
+    c = _conv_case(case, dtype, seed=1)
+    dense_ref = R.compact_to_dense_ref(c["v_ref"], c["i"], c["mode"], c["in_shape"])
+    dense_lo = R.compact_to_dense_ref(c["v_lo"], c["i"], c["mode"], c["in_shape"])
+    ref = _torch_conv(dense_ref, c["w_ref"], c["b_ref"], c["geo"])
+    tol = _tol(dtype, rel_err(_torch_conv(dense_lo, c["w_lo"], c["b_lo"], c["geo"]), ref))
+    out = _run_conv(c, c["v_lo"], c["i"], c["b_lo"])
+    assert rel_err(out, ref) <= tol, (rel_err(out, ref), tol)
+    assert torch.equal(out, _run_conv(c, c["v_lo"], c["i"], c["b_lo"]))  # the GEMM path is deterministic
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_gradients(case, dtype):
+    c = _conv_case(case, dtype)
+    mode, i, geo, in_shape = c["mode"], c["i"], c["geo"], list(c["in_shape"])
+    g = torch.Generator(device=DEV).manual_seed(2)
+    v64 = c["v_ref"].clone().requires_grad_(True)
+    w64 = c["w_ref"].clone().requires_grad_(True)
+    ref_out = _torch_conv(R.compact_to_dense_ref(v64, i, mode, in_shape), w64, None, geo)
+    gout_lo = torch.randn(ref_out.shape, device=DEV, dtype=torch.float64, generator=g).to(dtype)
+    ref_gv, ref_gw = torch.autograd.grad(ref_out, (v64, w64), gout_lo.double())
+
+    # PyTorch's own gradients at dtype (dense input): the bar for the half types.
+    dense_lo = R.compact_to_dense_ref(c["v_lo"], i, mode, in_shape).requires_grad_(True)
+    w_lo = c["w_lo"].detach().clone().requires_grad_(True)
+    gd_t, gw_t = torch.autograd.grad(_torch_conv(dense_lo, w_lo, None, geo), (dense_lo, w_lo), gout_lo)
+    tol_v = _tol(dtype, rel_err(R.compact_gather_ref(gd_t, i, mode), ref_gv))
+    tol_w = _tol(dtype, rel_err(gw_t, ref_gw))
+
+    def input_grad():
+        return OPS_NS.sparse_conv_transpose2d_input_grad_cuda(gout_lo, i, mode, in_shape, c["w_lo"], geo["stride"],
+                                                              geo["padding"])
+
+    def weight_grad(values, indices):
+        return OPS_NS.sparse_conv_transpose2d_weight_grad_cuda(gout_lo, values, indices, mode, in_shape,
+                                                               list(c["w_lo"].shape), geo["stride"], geo["padding"])
+
+    gv = input_grad()
+    assert gv.shape == c["v_lo"].shape and gv.dtype == dtype
+    assert rel_err(gv, ref_gv) <= tol_v, (rel_err(gv, ref_gv), tol_v)
+    gw = weight_grad(c["v_lo"], i)
+    assert gw.shape == c["w_lo"].shape and gw.dtype == dtype
+    assert rel_err(gw, ref_gw) <= tol_w, (rel_err(gw, ref_gw), tol_w)
+    # Dense input (indices = None) gives the same weight gradient.
+    gw_d = weight_grad(dense_lo.detach(), None)
+    assert rel_err(gw_d, ref_gw) <= tol_w, (rel_err(gw_d, ref_gw), tol_w)
+    # Both backward kernels are deterministic.
+    assert torch.equal(gv, input_grad())
+    assert torch.equal(gw, weight_grad(c["v_lo"], i))
+
+
+def test_conv_bad_arguments():
+    v = torch.randn(2, 3, 4, device=DEV)
+    i = torch.zeros(2, 3, 4, device=DEV, dtype=torch.int16)
+    w = torch.randn(3, 5, 3, 3, device=DEV)
+    with pytest.raises(ValueError, match="input channels"):  # weight's Cin differs from the input's
+        OPS_NS.sparse_conv_transpose2d_cuda(v, i, "spatial", [2, 3, 3, 3], torch.randn(4, 5, 3, 3, device=DEV), None,
+                                            [1], [0], [0])
+    with pytest.raises(TypeError):
+        OPS_NS.sparse_conv_transpose2d_cuda(v, i, "spatial", [2, 3, 3, 3], w.double(), None, [1], [0], [0])
+    with pytest.raises(ValueError):  # values not [N, G, k] for the mode
+        OPS_NS.sparse_conv_transpose2d_cuda(v, i, "channel", [2, 3, 3, 3], w, None, [1], [0], [0])
