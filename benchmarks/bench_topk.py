@@ -1,0 +1,105 @@
+"""Fused bias + ReLU + top-k selection vs what a dense PyTorch model does (relu + torch.topk + scatter_).
+
+Shapes are the sparsified layers of the CVPR generator (Table 1), batch 16 on the CPU and 64 on a GPU:
+spatial top-k (k = H*W/4) of 512@8x8, 256@16x16, 128@32x32 and the FC layer's channel top-8 of 3200@4x4.
+Providers (see benchmarks/common.py): ``dense`` = ``reference.topk_mask_torch_baseline``;
+``sparsegen`` = ``torch.ops.sparsegen.topk_mask`` (dense output, like for like) and ``topk_compact``
+(the compact output the sparse convolutions consume); on CUDA also ``triton`` and ``cuda``.
+
+    python benchmarks/bench_topk.py [--device cpu|cuda] [--quick] [--out FILE]
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from common import (environment, fmt_ms, fmt_ratio, load_ops, parse_args, providers, ratio, try_time, use_provider,
+                    write_results)
+
+
+@dataclass(frozen=True)
+class TopkCase:
+    """One top-k layer: input [N, C, H, W], k per group, grouping mode; bias + ReLU fused."""
+
+    name: str
+    C: int
+    H: int
+    W: int
+    k: int
+    mode: str
+
+    def group_size(self) -> int:
+        return {"spatial": self.H * self.W, "channel": self.C, "global": self.C * self.H * self.W}[self.mode]
+
+
+CASES = (
+    TopkCase("spatial 512@8x8 (paper layer 3)", 512, 8, 8, 16, "spatial"),
+    TopkCase("spatial 256@16x16 (paper layer 4)", 256, 16, 16, 64, "spatial"),
+    TopkCase("spatial 128@32x32 (paper layer 5)", 128, 32, 32, 256, "spatial"),
+    TopkCase("channel top-8 of 3200@4x4 (paper FC)", 3200, 4, 4, 8, "channel"),
+)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    device = args.device
+    ops = load_ops()
+    from sparsegen_kernels import reference as R
+
+    N = 2 if args.quick else (64 if device == "cuda" else 16)
+    names = providers(device)
+    env = environment(device)
+    print(f"top-k on {env['device_name']} ({env['torch_threads']} threads), torch {env['torch']}, batch {N}")
+    print(f"{'case':40s} {'provider':10s} {'op':8s} {'ms':>9s} {'vs dense':>8s} {'GB/s':>7s}")
+    rows = []
+    torch.manual_seed(0)
+    for case in CASES:
+        shape = (N, case.C, case.H, case.W)
+        x = torch.randn(shape, device=device)
+        b = torch.randn(case.C, device=device)
+        G = x.numel() // N // case.group_size()
+        idx_bytes = 2 if case.group_size() <= 32767 else 4
+        nbytes = {"mask": x.numel() * 4 * 2 + N * G * case.k * idx_bytes,
+                  "compact": x.numel() * 4 + N * G * case.k * (4 + idx_bytes)}
+        base = None
+        for prov in names:
+            variants = [("mask", lambda: R.topk_mask_torch_baseline(x, case.k, case.mode, b, True))] if prov == "dense" \
+                else [("mask", lambda: ops.topk_mask(x, case.k, case.mode, b, True)),
+                      ("compact", lambda: ops.topk_compact(x, case.k, case.mode, b, True))]
+            for op, fn in variants:
+                with use_provider(prov) as ok:
+                    t = try_time(fn, device, args.quick) if ok else None
+                if prov == "dense":
+                    base = t
+                r = ratio(base, t)
+                gbs = None if t is None else nbytes[op] / t / 1e9
+                print(f"{case.name:40s} {prov:10s} {op:8s} {fmt_ms(t)} {fmt_ratio(r)} "
+                      f"{'' if gbs is None else f'{gbs:7.1f}'}")
+                rows.append(dict(asdict(case), N=N, shape=list(shape), density=case.k / case.group_size(),
+                                 provider=prov, op=op, ms=None if t is None else t * 1e3, speedup_vs_dense=r,
+                                 gb_per_s=gbs))
+    extra = {}
+    if device == "cuda":
+        extra["fastest"] = fastest_gpu_provider(rows)
+        print("fastest GPU provider per op:", extra["fastest"])
+    path = write_results("topk", rows, device, args.out, extra, quick=args.quick)
+    print(f"results: {path}")
+
+
+def fastest_gpu_provider(rows: list[dict]) -> dict:
+    """{"topk_mask" | "topk_compact": "triton" | "cuda"} by total time over the cases both ran."""
+    out = {}
+    for op in ("mask", "compact"):
+        tot = {}
+        for prov in ("triton", "cuda"):
+            ts = [r["ms"] for r in rows if r["provider"] == prov and r["op"] == op]
+            if ts and all(t is not None for t in ts):
+                tot[prov] = sum(ts)
+        if tot:
+            out[f"topk_{op}"] = min(tot, key=tot.get)
+    return out
+
+
+if __name__ == "__main__":
+    main()
