@@ -43,6 +43,8 @@ demo: install  ## train the CPU demo on the embedded `parts` data, write picture
 bench: install  ## CPU benchmarks (sparse vs dense, side by side), results under benchmarks/results/
 	$(PY) benchmarks/bench_topk.py
 	$(PY) benchmarks/bench_sparse_conv.py
+	$(PY) benchmarks/bench_generator.py --quick
+	$(PY) benchmarks/bench_scaling.py --quick
 
 cuda-build:  ## compile the CUDA kernels against the CUDA build of torch (no GPU needed)
 	bash .ci/cuda_build.sh

@@ -14,6 +14,7 @@ from .functional import sparse_conv_transpose2d, sparse_upsample_conv2d, topk_co
 from .modules import SparseConvTranspose2d, SparseUpsampleConv2d, TopK
 from .reference import fold_upsample_weight
 from .sparse_activation import SparseActivation
+from .sparsify import TopKReLU, sparsify, sparsify_sites
 
 _ops.register()
 
@@ -22,11 +23,14 @@ __all__ = [
     "SparseConvTranspose2d",
     "SparseUpsampleConv2d",
     "TopK",
+    "TopKReLU",
     "fold_upsample_weight",
     "get_backend",
     "set_backend",
     "sparse_conv_transpose2d",
     "sparse_upsample_conv2d",
+    "sparsify",
+    "sparsify_sites",
     "topk_compact",
     "topk_mask",
 ]

@@ -133,7 +133,7 @@ def fold_upsample_weight(weight3: torch.Tensor) -> torch.Tensor:
     if weight3.dim() != 4 or tuple(weight3.shape[2:]) != (3, 3):
         raise ValueError(f"fold_upsample_weight expects a [Cout, Cin, 3, 3] weight, got {tuple(weight3.shape)}")
     A = weight3.new_tensor(FOLD_MATRIX)
-    w = torch.einsum("jy,kx,oiyx->ijko", A, A, weight3)  # [Cin, 4, 4, Cout], contiguous
+    w = torch.einsum("jy,kx,oiyx->ijko", A, A, weight3).contiguous()  # [Cin, 4, 4, Cout] storage
     return w.permute(0, 3, 1, 2)  # [Cin, Cout, 4, 4] view
 
 
