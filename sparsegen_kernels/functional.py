@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .reference import MODES, fold_upsample_weight, group_geometry
+from .reference import FOLD_MATRIX, MODES, fold_upsample_weight, group_geometry
 from .sparse_activation import SparseActivation
 
 SparseOrDense = Union[SparseActivation, Tensor]
@@ -147,5 +147,52 @@ def sparse_upsample_conv2d(inp: SparseOrDense, weight: Tensor, bias: Optional[Te
     _check_float_tensor("weight", weight, 4)
     if tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight must be [Cout, Cin, 3, 3], got {tuple(weight.shape)}")
-    w4 = fold_upsample_weight(weight) if folded_weight is None else folded_weight
-    return sparse_conv_transpose2d(inp, w4, bias, stride=2, padding=1)
+    if folded_weight is not None:
+        return sparse_conv_transpose2d(inp, folded_weight, bias, stride=2, padding=1)
+    values, indices, mode, in_shape = _unpack_input(inp)
+    _check_conv_args(values, in_shape, weight.transpose(0, 1), bias)
+    return _FoldedUpsampleConv.apply(values, indices, mode, in_shape, weight, bias)
+
+
+class _FoldedUpsampleConv(torch.autograd.Function):
+    """Upsample-conv through the folded weight, keeping only the 3x3 weight for backward.
+
+    Saving the 3x3 weight (a parameter, alive anyway) instead of the 16/9x larger folded 4x4 copy keeps
+    backward memory to the compact input; the fold is recomputed in backward and its adjoint maps
+    ``dweight4 -> dweight3``.
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, mode, in_shape, weight3, bias):
+        w4 = fold_upsample_weight(weight3)
+        ctx.mode, ctx.in_shape = mode, in_shape
+        ctx.save_for_backward(values, indices, weight3)
+        return ops.sparse_conv_transpose2d(values, indices, mode, in_shape, w4, bias, [2, 2], [1, 1], [0, 0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, weight3 = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_values = grad_weight = grad_bias = None
+        need_values, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[4], \
+            ctx.needs_input_grad[5]
+        w4 = fold_upsample_weight(weight3) if (need_values or need_weight) else None
+        if need_values:
+            if indices is not None:
+                grad_values = ops.sparse_conv_transpose2d_input_grad(grad_out, indices, ctx.mode, ctx.in_shape,
+                                                                     w4, [2, 2], [1, 1])
+            else:
+                grad_values = torch.nn.functional.conv2d(grad_out, w4, stride=2, padding=1)
+        if need_weight:
+            grad_w4 = ops.sparse_conv_transpose2d_weight_grad(grad_out, values, indices, ctx.mode, ctx.in_shape,
+                                                              list(w4.shape), [2, 2], [1, 1])
+            grad_weight = unfold_upsample_weight_grad(grad_w4)
+        if need_bias:
+            grad_bias = grad_out.sum((0, 2, 3))
+        return grad_values, None, None, None, grad_weight, grad_bias
+
+
+def unfold_upsample_weight_grad(grad_weight4: Tensor) -> Tensor:
+    """Adjoint of :func:`fold_upsample_weight`: ``dweight4 [Cin, Cout, 4, 4] -> dweight3 [Cout, Cin, 3, 3]``."""
+    A = grad_weight4.new_tensor(FOLD_MATRIX)
+    return torch.einsum("jy,kx,iojk->oiyx", A, A, grad_weight4)

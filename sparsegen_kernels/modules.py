@@ -57,18 +57,21 @@ class SparseUpsampleConv2d(nn.Conv2d):
         self._folded_cache: Optional[tuple] = None
 
     def folded_weight(self) -> Tensor:
-        """The folded ``[Cin, Cout, 4, 4]`` stride-2 transposed-conv weight."""
+        """The folded ``[Cin, Cout, 4, 4]`` stride-2 transposed-conv weight (differentiable)."""
+        return fold_upsample_weight(self.weight)
+
+    def _cached_folded_weight(self) -> Optional[Tensor]:
+        """The folded weight, cached while no gradient can reach the weight; None otherwise."""
         w = self.weight
-        needs_grad = torch.is_grad_enabled() and w.requires_grad
-        if needs_grad or torch.compiler.is_compiling():
-            return fold_upsample_weight(w)
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            return None
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._folded_cache is None or self._folded_cache[0] != key:
             self._folded_cache = (key, fold_upsample_weight(w.detach()))
         return self._folded_cache[1]
 
     def forward(self, inp) -> Tensor:  # type: ignore[override]
-        return SF.sparse_upsample_conv2d(inp, self.weight, self.bias, folded_weight=self.folded_weight())
+        return SF.sparse_upsample_conv2d(inp, self.weight, self.bias, folded_weight=self._cached_folded_weight())
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, upsample=2 (nearest), kernel_size=3, padding=1"
