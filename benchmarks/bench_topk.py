@@ -5,6 +5,7 @@ spatial top-k (k = H*W/4) of 512@8x8, 256@16x16, 128@32x32 and the FC layer's ch
 Providers (see benchmarks/common.py): ``dense`` = ``reference.topk_mask_torch_baseline``;
 ``sparsegen`` = ``torch.ops.sparsegen.topk_mask`` (dense output, like for like) and ``topk_compact``
 (the compact output the sparse convolutions consume); on CUDA also ``triton`` and ``cuda``.
+Ratios are of medians; the result rows also keep the fastest repeat (``ms_min``) and its ratio.
 
     python benchmarks/bench_topk.py [--device cpu|cuda] [--quick] [--out FILE]
 """
@@ -69,16 +70,19 @@ def main() -> None:
                       ("compact", lambda: ops.topk_compact(x, case.k, case.mode, b, True))]
             for op, fn in variants:
                 with use_provider(prov) as ok:
-                    t = try_time(fn, device, args.quick) if ok else None
+                    tm = try_time(fn, device, args.quick) if ok else None
                 if prov == "dense":
-                    base = t
-                r = ratio(base, t)
+                    base = tm
+                t = None if tm is None else tm.median
+                r = None if base is None else ratio(base.median, t)
+                r_min = None if base is None or tm is None else ratio(base.min, tm.min)
                 gbs = None if t is None else nbytes[op] / t / 1e9
                 print(f"{case.name:40s} {prov:10s} {op:8s} {fmt_ms(t)} {fmt_ratio(r)} "
                       f"{'' if gbs is None else f'{gbs:7.1f}'}")
                 rows.append(dict(asdict(case), N=N, shape=list(shape), density=case.k / case.group_size(),
-                                 provider=prov, op=op, ms=None if t is None else t * 1e3, speedup_vs_dense=r,
-                                 gb_per_s=gbs))
+                                 provider=prov, op=op, ms=None if t is None else t * 1e3,
+                                 ms_min=None if tm is None else tm.min * 1e3, speedup_vs_dense=r,
+                                 speedup_vs_dense_min=r_min, gb_per_s=gbs))
     extra = {}
     if device == "cuda":
         extra["fastest"] = fastest_gpu_provider(rows)

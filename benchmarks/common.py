@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import sys
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -37,7 +37,10 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: cpu)")
     p.add_argument("--quick", action="store_true", help="small batch and few repeats (a smoke test, not a measurement)")
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/<name>_<device>.json)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -91,25 +94,33 @@ def use_provider(name: str) -> Iterator[bool]:
         set_backend(previous)
 
 
-def time_fn(fn: Callable[[], object], device: str, quick: bool = False) -> float:
-    """Median seconds per call of ``fn`` (after a warm-up call)."""
+class Timing(NamedTuple):
+    """Seconds per call: the median of the repeats, and the fastest one (on a shared machine the gap
+    between the two shows how much other work interfered)."""
+
+    median: float
+    min: float
+
+
+def time_fn(fn: Callable[[], object], device: str, quick: bool = False) -> Timing:
+    """Seconds per call of ``fn`` (after a warm-up call)."""
     fn()
     if device == "cuda":
         import triton.testing
 
         torch.cuda.synchronize()
         ms = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100,
-                                     return_mode="median")
-        return ms / 1e3
+                                     return_mode="all")
+        ms = sorted(ms)
+        return Timing(ms[len(ms) // 2] / 1e3, ms[0] / 1e3)
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    if quick:
-        return timer.timeit(2).median
-    return timer.blocked_autorange(min_run_time=0.6).median
+    m = timer.timeit(2) if quick else timer.blocked_autorange(min_run_time=0.6)
+    return Timing(m.median, min(m.times))
 
 
-def try_time(fn: Callable[[], object], device: str, quick: bool) -> Optional[float]:
+def try_time(fn: Callable[[], object], device: str, quick: bool) -> Optional[Timing]:
     """:func:`time_fn`, or None (with a note) where the provider raises."""
     try:
         return time_fn(fn, device, quick)

@@ -470,8 +470,8 @@ at::Tensor sparse_conv_transpose2d_cpu(const at::Tensor& values, const c10::opti
     const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
     T* op_ = out.data_ptr<T>();
     // Reused weight: one task per (chunk, sample), consecutive tasks share the chunk's weight columns.
-    // Streamed weight: one task per (sample, group of chunks), chunks innermost.
-    // (and at least as many groups as keep one task's buffer within ~4 MiB).
+    // Streamed weight: one task per (sample, group of chunks), chunks innermost; enough groups to keep
+    // both threads busy and one task's buffer within ~4 MiB.
     const int64_t plane_bytes = g.Hp * g.Wp * VW * static_cast<int64_t>(sizeof(T));
     const int64_t groups =
         reuse ? g.nchunks
