@@ -39,8 +39,13 @@ test: install  ## run the whole test suite (Triton kernels under TRITON_INTERPRE
 test-fast: install
 	$(PY) -m pytest -q -x -p no:cacheprovider tests -m "not slow"
 
-demo: install  ## train the CPU demo on the embedded `parts` data, write pictures and the report
-	$(PY) -m sparsegen demo --out runs/demo
+DEMO_TRAIN := --config cpu32 --data parts:n=256 --iters 300 --batch-size 32 --langevin-steps 5 --lr-g 2e-3
+demo: install  ## train the CPU demo (sparse and its dense twin) on the embedded `parts` data, then the report
+	rm -rf runs/demo/sparse runs/demo/dense
+	$(PY) -m sparsegen train $(DEMO_TRAIN) --out runs/demo/sparse
+	$(PY) -m sparsegen train $(DEMO_TRAIN) --dense --out runs/demo/dense
+	$(PY) -m sparsegen report --run runs/demo --n-eval 32 --steps 50
+	@echo "pictures: runs/demo/sparse/*.png, runs/demo/dense/*.png; report: runs/demo/report.html"
 
 bench: install  ## CPU benchmarks (sparse vs dense, side by side), results under benchmarks/results/
 	$(PY) benchmarks/bench_topk.py

@@ -1,0 +1,7 @@
+"""``python -m sparsegen train | sample | reconstruct`` (see :mod:`sparsegen.cli`)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

