@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from ..reference import group_geometry, index_dtype  # noqa: F401  (re-exported for the launchers)
+
 MODE_IDS = {"spatial": 0, "channel": 1, "global": 2}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -12,22 +14,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def next_pow2(n: int) -> int:
     """Smallest power of two ``>= max(n, 1)``."""
     return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def group_geometry(mode: str, C: int, H: int, W: int) -> tuple[int, int]:
-    """``(G, group_size)`` of ``mode`` for a ``[N, C, H, W]`` map."""
-    if mode == "spatial":
-        return C, H * W
-    if mode == "channel":
-        return H * W, C
-    if mode == "global":
-        return 1, C * H * W
-    raise ValueError(f"unknown mode {mode!r}; expected 'spatial', 'channel' or 'global'")
-
-
-def index_dtype(group_size: int) -> torch.dtype:
-    """int16 where every index inside a group fits, else int32."""
-    return torch.int16 if group_size <= 32767 else torch.int32
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
