@@ -24,8 +24,9 @@ $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
-# Incremental rebuild of the C++ extension in place whenever csrc/ changes.
-sparsegen_kernels/_C.so: $(VENV)/.installed $(CSRC)
+# Incremental rebuild of the C++ extension in place whenever csrc/ changes (the editable install above
+# builds it the first time; the venv is an order-only prerequisite so its stamp does not force a rebuild).
+sparsegen_kernels/_C.so: $(CSRC) | $(VENV)/.installed
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
