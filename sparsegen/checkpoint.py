@@ -16,6 +16,13 @@ FORMAT_VERSION = 1
 PathLike = Union[str, os.PathLike]
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask); temp files start at 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_atomic(obj: Any, path: PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + rename)."""
     path = os.fspath(path)
@@ -23,6 +30,8 @@ def save_atomic(obj: Any, path: PathLike) -> None:
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -49,6 +58,8 @@ def write_text_atomic(text: str, path: PathLike) -> None:
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

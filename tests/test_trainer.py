@@ -172,3 +172,12 @@ def test_run_config_round_trip_and_errors():
         RunConfig(train={"iterations": 3})
     with pytest.raises(ValueError, match="unknown model config"):
         RunConfig(model="huge")
+
+
+def test_the_aaai_architecture_takes_training_steps():
+    run = RunConfig(model="aaai", data="parts:n=4", train=TrainConfig(batch_size=2, langevin_steps=1))
+    trainer = Trainer(run, make_parts(4, 64), log=silent)
+    before = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
+    stats = trainer.step()
+    assert all(v == v for v in stats.values())
+    assert all(not torch.equal(v, trainer.generator.state_dict()[k]) for k, v in before.items())
