@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 
@@ -23,8 +23,8 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_atomic(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + rename)."""
+def _write_atomic(path: PathLike, binary: bool, write: Callable[[Any], None]) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, rename it over ``path``, fsync the folder."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -32,8 +32,8 @@ def save_atomic(obj: Any, path: PathLike) -> None:
     try:
         if hasattr(os, "fchmod"):
             os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,22 +51,14 @@ def save_atomic(obj: Any, path: PathLike) -> None:
         pass
 
 
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + rename)."""
+    _write_atomic(path, True, lambda f: torch.save(obj, f))
+
+
 def write_text_atomic(text: str, path: PathLike) -> None:
     """Write ``text`` to ``path`` atomically."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_atomic(path, False, lambda f: f.write(text))
 
 
 def load(path: PathLike, map_location: Any = "cpu") -> dict:
