@@ -11,8 +11,9 @@
 #   suite.json            machine, versions and each step's status, exit code and seconds
 #   summary.md            the same as a table, plus the pytest counts
 #   junit.xml             the GPU tests' report
+#   backend_table.json    the faster provider per op (copy to sparsegen_kernels/ to make it the default)
 #   bench_results.tar.gz  result files the benchmarks wrote under benchmarks/results/ during the run
-# Environment: GPU_SUITE_BUDGET, GPU_SUITE_PYTEST_ARGS (default "-x -q"), TORCH_CUDA_ARCH_LIST (default 9.0),
+# Environment: GPU_SUITE_BUDGET, GPU_SUITE_PYTEST_ARGS (default "-q"; -n 8 is added when pytest-xdist is installed), TORCH_CUDA_ARCH_LIST (default 9.0),
 # MAX_JOBS (default 16), GPU_SUITE_SKIP_BUILD=1 (reuse an extension already built in place),
 # GPU_SUITE_PYTHON (default python3).
 set -o pipefail
@@ -119,6 +120,30 @@ run_step() {
   return 0
 }
 
+# A compiler that links libstdc++ statically into the extension (seen with a wrapped g++ that puts its own
+# library directory first) gives it a private copy of the C++ runtime: an exception thrown inside it (every
+# bad-argument error of every op) then kills the process instead of reaching Python as an error.
+extension_so() { find sparsegen_kernels -maxdepth 1 -name '_C*.so' | head -n 1; }
+
+private_cxx_runtime() {  # exit 0 when the built extension defines __cxa_throw itself
+  local so
+  so="$(extension_so)"
+  [ -n "$so" ] && nm -D --defined-only "$so" 2>/dev/null | grep -q ' __cxa_throw$'
+}
+
+build_extension() {
+  run_step build 300 "$PY" setup.py build_ext --inplace
+  if private_cxx_runtime; then
+    echo "build: $(extension_so) carries its own copy of libstdc++ (built with CXX=${CXX:-g++}); C++ errors would crash"
+    if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ] && [ "${CXX:-}" != /usr/bin/g++ ]; then
+      export CC=/usr/bin/gcc CXX=/usr/bin/g++
+      rm -rf build/temp.* build/lib.*
+      run_step build-system-compiler 300 "$PY" setup.py build_ext --inplace
+    fi
+  fi
+  run_step shared-cxx-runtime 10 bash -c "! nm -D --defined-only $(extension_so) | grep ' __cxa_throw$'"
+}
+
 main() {
   echo "# sparsegen GPU suite, $(date -u +%Y-%m-%dT%H:%M:%SZ), repo $ROOT, output $DEST"
   echo
@@ -129,7 +154,7 @@ main() {
   git log -1 --format='commit %H %s' 2>/dev/null || true
 
   if [ "${GPU_SUITE_SKIP_BUILD:-0}" != "1" ]; then
-    run_step build 300 "$PY" setup.py build_ext --inplace
+    build_extension
   fi
   run_step kernels-registered 60 "$PY" -c "
 import torch, sparsegen_kernels  # noqa: F401
@@ -139,8 +164,12 @@ missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(
 print('CUDA kernels missing for:', missing or 'none')
 raise SystemExit(1 if missing else 0)"
 
+  # With pytest-xdist the tests run in worker processes, so a test that crashes its process is reported
+  # as failed and the others still run.
+  local workers=()
+  "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
   # shellcheck disable=SC2086
-  run_step gpu-tests 180 "$PY" -m pytest -m gpu ${GPU_SUITE_PYTEST_ARGS:--x -q} -rfE -p no:cacheprovider \
+  run_step gpu-tests 180 "$PY" -m pytest -m gpu "${workers[@]}" ${GPU_SUITE_PYTEST_ARGS:--q} -rfE -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$DEST/junit.xml" tests
 
   local script extra left
@@ -158,6 +187,9 @@ raise SystemExit(1 if missing else 0)"
       echo "== $script: not present, skipped"
     fi
   done
+
+  # The faster provider per op, for sk.set_backend("auto"); committed as sparsegen_kernels/backend_table.json.
+  run_step backend-table 30 "$PY" benchmarks/backend_table.py --out "$DEST/backend_table.json"
 
   # Result files the benchmarks wrote during this run, as one archive (few files come back from $OUT).
   local new
@@ -177,6 +209,6 @@ rm -f "$STEPS" "$MARKER"
 "$PY" - "$DEST/suite.json" <<'PYEOF'
 import json, sys
 steps = {s["name"]: s["status"] for s in json.load(open(sys.argv[1]))["steps"]}
-bad = [n for n in ("build", "kernels-registered", "gpu-tests") if steps.get(n, "ok") != "ok"]
+bad = [n for n in ("build", "shared-cxx-runtime", "kernels-registered", "gpu-tests") if steps.get(n, "ok") != "ok"]
 sys.exit(1 if bad else 0)
 PYEOF
