@@ -62,6 +62,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sparsegen", "sparsegen.*", "sparsegen_kernels", "sparsegen_kernels.*"]),
+    # The measured provider table that sk.set_backend("auto") reads on GPUs.
+    package_data={"sparsegen_kernels": ["backend_table.json"]},
     # Accept the torch a user already has; the Makefile pins the CPU build used for development.
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "pillow"],
     extras_require={

@@ -1,0 +1,72 @@
+"""Write ``sparsegen_kernels/backend_table.json``: the faster GPU provider per op, as measured.
+
+    python benchmarks/backend_table.py [RESULT.json ...] [--out PATH]
+
+Reads the ``"fastest"`` entry of the latest CUDA run in each result file (default:
+``benchmarks/results/topk_cuda.json`` and ``sparse_conv_cuda.json``, written by ``bench_topk.py`` and
+``bench_sparse_conv.py --device cuda``) and writes one table that ``sk.set_backend("auto")`` consults.
+The table records where and when each entry was measured. Nothing is written when no file holds a
+measurement, so a table is never made up.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_INPUTS = [os.path.join(ROOT, "benchmarks", "results", f"{n}_cuda.json") for n in ("topk", "sparse_conv")]
+DEFAULT_OUT = os.path.join(ROOT, "sparsegen_kernels", "backend_table.json")
+
+
+def latest_measurement(path: str) -> dict | None:
+    """The newest non-quick run of a result file that names a fastest provider, or None."""
+    with open(path) as f:
+        runs = json.load(f).get("runs", [])
+    for run in reversed(runs):
+        if run.get("fastest") and not run.get("quick"):
+            return run
+    return None
+
+
+def build_table(paths: list[str]) -> dict:
+    """``{"fastest": {op: provider}, "measured": {op: {device, date, torch, source}}}`` from result files."""
+    fastest, measured = {}, {}
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        run = latest_measurement(path)
+        if run is None:
+            continue
+        env = run.get("environment", {})
+        for op, provider in run["fastest"].items():
+            fastest[op] = provider
+            measured[op] = {"device": env.get("device_name") or env.get("device"), "date": env.get("date"),
+                            "torch": env.get("torch"), "triton": env.get("triton"),
+                            "source": os.path.relpath(path, ROOT)}
+    return {"fastest": fastest, "measured": measured,
+            "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="*", default=DEFAULT_INPUTS, help="benchmark result files (CUDA runs)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"table to write (default: {os.path.relpath(DEFAULT_OUT, ROOT)})")
+    args = p.parse_args(argv)
+    table = build_table(args.inputs)
+    if not table["fastest"]:
+        print("backend table: no CUDA measurement in " + ", ".join(args.inputs) + "; nothing written", file=sys.stderr)
+        return 1
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, args.out)
+    print(f"backend table: {table['fastest']} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The measured provider table behind ``set_backend("auto")`` and the script that writes it."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+import sparsegen_kernels as sk
+from sparsegen_kernels import backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = {"topk_compact", "topk_mask", "compact_to_dense", "compact_gather", "sparse_conv_transpose2d",
+       "sparse_conv_transpose2d_input_grad", "sparse_conv_transpose2d_weight_grad"}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("backend_table_script",
+                                                  os.path.join(ROOT, "benchmarks", "backend_table.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _result_file(path, runs):
+    with open(path, "w") as f:
+        json.dump({"runs": runs}, f)
+    return str(path)
+
+
+def _run(fastest, quick=False, date="2026-01-01T00:00:00"):
+    return {"environment": {"device_name": "Some GPU", "date": date, "torch": "2.x"}, "quick": quick,
+            "rows": [], "fastest": fastest}
+
+
+def test_committed_table_names_real_ops_and_providers():
+    with open(backend._TABLE_PATH) as f:
+        table = json.load(f)
+    assert table["fastest"], "the committed table is empty"
+    for op, provider in table["fastest"].items():
+        assert op in OPS, op
+        assert provider in ("cuda", "triton"), provider
+        measured = table["measured"][op]
+        assert measured["device"] and measured["date"], measured
+    assert backend.measured_table() == table["fastest"]
+
+
+def test_script_takes_latest_full_run_and_skips_quick(tmp_path):
+    script = _load_script()
+    topk = _result_file(tmp_path / "topk_cuda.json", [
+        _run({"topk_mask": "triton", "topk_compact": "triton"}, date="2026-01-01T00:00:00"),
+        _run({"topk_mask": "cuda", "topk_compact": "triton"}, date="2026-02-01T00:00:00"),
+        _run({"topk_mask": "triton", "topk_compact": "cuda"}, quick=True, date="2026-03-01T00:00:00"),
+    ])
+    conv = _result_file(tmp_path / "sparse_conv_cuda.json", [_run({"sparse_conv_transpose2d": "triton"})])
+    out = tmp_path / "table.json"
+    assert script.main([topk, conv, "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["fastest"] == {"topk_mask": "cuda", "topk_compact": "triton", "sparse_conv_transpose2d": "triton"}
+    assert table["measured"]["topk_mask"]["date"] == "2026-02-01T00:00:00"
+    assert table["measured"]["topk_mask"]["device"] == "Some GPU"
+
+
+def test_script_writes_nothing_without_a_measurement(tmp_path, capsys):
+    script = _load_script()
+    only_quick = _result_file(tmp_path / "topk_cuda.json", [_run({"topk_mask": "cuda"}, quick=True)])
+    out = tmp_path / "table.json"
+    assert script.main([only_quick, str(tmp_path / "missing.json"), "--out", str(out)]) == 1
+    assert not out.exists()
+    assert "nothing written" in capsys.readouterr().err
+
+
+@pytest.fixture
+def auto_backend(monkeypatch):
+    monkeypatch.setattr(backend, "_backend", None)
+    monkeypatch.delenv("SPARSEGEN_BACKEND", raising=False)
+    yield
+    backend._backend = None
+
+
+def test_auto_follows_the_table_when_both_providers_exist(monkeypatch, auto_backend):
+    monkeypatch.setattr(backend, "measured_table", lambda: {"topk_mask": "triton", "topk_compact": "cuda"})
+    monkeypatch.setattr(backend, "cuda_available", lambda op: True)
+    monkeypatch.setattr(backend, "triton_available", lambda op: True)
+    assert backend.provider_name("topk_mask") == "triton"
+    assert backend.provider_name("topk_compact") == "cuda"
+    assert backend.provider_name("compact_gather") == "cuda"  # not in the table: CUDA C++ first
+
+
+def test_auto_falls_back_when_the_preferred_provider_is_missing(monkeypatch, auto_backend):
+    monkeypatch.setattr(backend, "measured_table", lambda: {"topk_mask": "cuda"})
+    monkeypatch.setattr(backend, "cuda_available", lambda op: False)
+    monkeypatch.setattr(backend, "triton_available", lambda op: True)
+    assert backend.provider_name("topk_mask") == "triton"
+    monkeypatch.setattr(backend, "triton_available", lambda op: False)
+    assert backend.provider_name("topk_mask") == "reference"
+
+
+def test_forced_backend_that_is_missing_names_the_problem(monkeypatch, auto_backend):
+    monkeypatch.setattr(backend, "cuda_available", lambda op: False)
+    sk.set_backend("cuda")
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        backend.provider_name("topk_mask")
