@@ -2,11 +2,16 @@
 
     python benchmarks/backend_table.py [RESULT.json ...] [--out PATH]
 
-Reads the ``"fastest"`` entry of the latest CUDA run in each result file (default:
-``benchmarks/results/topk_cuda.json`` and ``sparse_conv_cuda.json``, written by ``bench_topk.py`` and
-``bench_sparse_conv.py --device cuda``) and writes one table that ``sk.set_backend("auto")`` consults.
-The table records where and when each entry was measured. Nothing is written when no file holds a
-measurement, so a table is never made up.
+Reads the latest CUDA run in each result file (default: ``benchmarks/results/topk_cuda.json`` and
+``sparse_conv_cuda.json``, written by ``bench_topk.py`` and ``bench_sparse_conv.py --device cuda``) and
+writes one table that ``sk.set_backend("auto")`` consults:
+
+* ``"fastest"``: ``{op: provider}``, the run's own choice by total time over all its cases;
+* ``"fastest_by_mode"``: ``{op: {mode: provider}}``, the same over the cases of one top-k mode only (the
+  FC layer's ``channel`` groups and the convolutions' ``spatial`` groups favour different kernels);
+* ``"measured"``: where and when each op was measured.
+
+Nothing is written when no file holds a measurement, so a table is never made up.
 """
 from __future__ import annotations
 
@@ -31,9 +36,37 @@ def latest_measurement(path: str) -> dict | None:
     return None
 
 
+# Benchmark row "op" -> library op, per result file kind.
+ROW_OPS = {"topk": {"mask": "topk_mask", "compact": "topk_compact"},
+           "sparse_conv": {"fwd": "sparse_conv_transpose2d", "in_grad": "sparse_conv_transpose2d_input_grad",
+                           "w_grad": "sparse_conv_transpose2d_weight_grad"}}
+PROVIDERS = ("triton", "cuda")
+
+
+def fastest_by_mode(run: dict) -> dict:
+    """``{op: {mode: provider}}``: the provider with the least total time over the cases of each mode.
+
+    Only cases that every provider ran count, so the totals compare like with like.
+    """
+    row_ops = ROW_OPS.get(run.get("benchmark"), {})
+    times: dict = {}  # (op, mode, case) -> {provider: ms}
+    for row in run.get("rows", []):
+        op = row_ops.get(row.get("op"))
+        if op is None or row.get("provider") not in PROVIDERS or row.get("ms") is None:
+            continue
+        times.setdefault((op, row.get("mode"), row.get("name")), {})[row["provider"]] = row["ms"]
+    totals: dict = {}
+    for (op, mode, _), per_provider in times.items():
+        if len(per_provider) == len(PROVIDERS):
+            acc = totals.setdefault(op, {}).setdefault(mode, dict.fromkeys(PROVIDERS, 0.0))
+            for provider, ms in per_provider.items():
+                acc[provider] += ms
+    return {op: {mode: min(acc, key=acc.get) for mode, acc in modes.items()} for op, modes in totals.items()}
+
+
 def build_table(paths: list[str]) -> dict:
     """``{"fastest": {op: provider}, "measured": {op: {device, date, torch, source}}}`` from result files."""
-    fastest, measured = {}, {}
+    fastest, by_mode, measured = {}, {}, {}
     for path in paths:
         if not os.path.exists(path):
             continue
@@ -41,12 +74,13 @@ def build_table(paths: list[str]) -> dict:
         if run is None:
             continue
         env = run.get("environment", {})
+        by_mode.update(fastest_by_mode(run))
         for op, provider in run["fastest"].items():
             fastest[op] = provider
             measured[op] = {"device": env.get("device_name") or env.get("device"), "date": env.get("date"),
                             "torch": env.get("torch"), "triton": env.get("triton"),
                             "source": os.path.relpath(path, ROOT)}
-    return {"fastest": fastest, "measured": measured,
+    return {"fastest": fastest, "fastest_by_mode": by_mode, "measured": measured,
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -64,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(table, f, indent=1, sort_keys=True)
         f.write("\n")
     os.replace(tmp, args.out)
-    print(f"backend table: {table['fastest']} -> {args.out}")
+    print(f"backend table: {table['fastest']}, by mode {table['fastest_by_mode']} -> {args.out}")
     return 0
 
 

@@ -5,8 +5,9 @@ dispatcher that calls one provider:
 
 * ``"cuda"``: the C++ kernels in ``csrc/cuda`` (ops ``torch.ops.sparsegen.<op>_cuda``),
 * ``"triton"``: the kernels in :mod:`sparsegen_kernels.triton`,
-* ``"auto"`` (default): per op, the faster of the two according to the measured table
-  ``backend_table.json`` beside this file (written from the GPU benchmarks), else whichever is available.
+* ``"auto"`` (default): per op and top-k mode, the faster of the two according to the measured table
+  ``backend_table.json`` beside this file (written by ``benchmarks/backend_table.py`` from the GPU
+  benchmarks), else whichever is available, CUDA C++ first.
 
 Choose with :func:`set_backend` or the environment variable ``SPARSEGEN_BACKEND``.
 """
@@ -68,20 +69,35 @@ def triton_available(op: str) -> bool:
 
 
 @lru_cache(maxsize=None)
-def measured_table() -> dict:
-    """``{op: "cuda" | "triton"}``: the faster provider per op, as measured by the GPU benchmarks."""
+def _table_file() -> dict:
     try:
         with open(_TABLE_PATH) as f:
-            return dict(json.load(f).get("fastest", {}))
+            return json.load(f)
     except (OSError, ValueError):
         return {}
 
 
-def provider_name(op: str) -> str:
-    """The provider that will run ``op`` on a CUDA tensor under the current backend."""
+@lru_cache(maxsize=None)
+def _preferred(op: str, mode: str | None) -> str | None:
+    table = _table_file()
+    return table.get("fastest_by_mode", {}).get(op, {}).get(mode) or table.get("fastest", {}).get(op)
+
+
+def measured_table() -> dict:
+    """``{op: "cuda" | "triton"}``: the faster provider per op, as measured by the GPU benchmarks."""
+    return dict(_table_file().get("fastest", {}))
+
+
+def measured_mode_table() -> dict:
+    """``{op: {mode: "cuda" | "triton"}}``: the faster provider per op and top-k mode, where measured."""
+    return {op: dict(modes) for op, modes in _table_file().get("fastest_by_mode", {}).items()}
+
+
+def provider_name(op: str, mode: str | None = None) -> str:
+    """The provider that will run ``op`` (on groups of top-k ``mode``) on a CUDA tensor now."""
     choice = get_backend()
     if choice == "auto":
-        preferred = measured_table().get(op)
+        preferred = _preferred(op, mode)
         order = [preferred] if preferred else []
         order += [p for p in ("cuda", "triton") if p not in order]
         for p in order:
@@ -100,7 +116,8 @@ def cuda_dispatcher(op: str, reference_kernel: Callable) -> Callable:
     """The CUDA kernel registered for ``sparsegen::<op>``: forwards to the selected provider."""
 
     def kernel(*args):
-        name = provider_name(op)
+        mode = next((a for a in args if isinstance(a, str)), None)  # every op's first str argument
+        name = provider_name(op, mode)
         if name == "cuda":
             return getattr(torch.ops.sparsegen, f"{op}_cuda").default(*args)
         if name == "triton":

@@ -60,6 +60,27 @@ def test_script_takes_latest_full_run_and_skips_quick(tmp_path):
     assert table["measured"]["topk_mask"]["device"] == "Some GPU"
 
 
+def test_script_splits_choice_by_mode(tmp_path):
+    script = _load_script()
+
+    def row(name, mode, provider, op, ms):
+        return {"name": name, "mode": mode, "provider": provider, "op": op, "ms": ms}
+
+    run = _run({"sparse_conv_transpose2d_input_grad": "triton"})
+    run["benchmark"] = "sparse_conv"
+    run["rows"] = [row("a", "spatial", "triton", "in_grad", 1.0), row("a", "spatial", "cuda", "in_grad", 2.0),
+                   row("b", "spatial", "triton", "in_grad", 1.5), row("b", "spatial", "cuda", "in_grad", 1.0),
+                   row("fc", "channel", "triton", "in_grad", 0.2), row("fc", "channel", "cuda", "in_grad", 0.1),
+                   row("only-triton", "global", "triton", "in_grad", 0.1),  # no cuda time: not compared
+                   row("a", "spatial", "dense", "fwd", 0.1)]  # baselines are not providers
+    conv = _result_file(tmp_path / "sparse_conv_cuda.json", [run])
+    out = tmp_path / "table.json"
+    assert script.main([conv, "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["fastest_by_mode"] == {"sparse_conv_transpose2d_input_grad": {"spatial": "triton",
+                                                                               "channel": "cuda"}}
+
+
 def test_script_writes_nothing_without_a_measurement(tmp_path, capsys):
     script = _load_script()
     only_quick = _result_file(tmp_path / "topk_cuda.json", [_run({"topk_mask": "cuda"}, quick=True)])
@@ -73,21 +94,32 @@ def test_script_writes_nothing_without_a_measurement(tmp_path, capsys):
 def auto_backend(monkeypatch):
     monkeypatch.setattr(backend, "_backend", None)
     monkeypatch.delenv("SPARSEGEN_BACKEND", raising=False)
+    backend._preferred.cache_clear()
     yield
     backend._backend = None
+    backend._preferred.cache_clear()
+
+
+def _use_table(monkeypatch, table):
+    monkeypatch.setattr(backend, "_table_file", lambda: table)
+    backend._preferred.cache_clear()
 
 
 def test_auto_follows_the_table_when_both_providers_exist(monkeypatch, auto_backend):
-    monkeypatch.setattr(backend, "measured_table", lambda: {"topk_mask": "triton", "topk_compact": "cuda"})
+    _use_table(monkeypatch, {"fastest": {"topk_mask": "triton", "topk_compact": "cuda"},
+                             "fastest_by_mode": {"topk_compact": {"channel": "triton"}}})
     monkeypatch.setattr(backend, "cuda_available", lambda op: True)
     monkeypatch.setattr(backend, "triton_available", lambda op: True)
     assert backend.provider_name("topk_mask") == "triton"
+    assert backend.provider_name("topk_mask", "channel") == "triton"
     assert backend.provider_name("topk_compact") == "cuda"
+    assert backend.provider_name("topk_compact", "spatial") == "cuda"  # no entry for the mode: the op's
+    assert backend.provider_name("topk_compact", "channel") == "triton"  # the mode's own entry wins
     assert backend.provider_name("compact_gather") == "cuda"  # not in the table: CUDA C++ first
 
 
 def test_auto_falls_back_when_the_preferred_provider_is_missing(monkeypatch, auto_backend):
-    monkeypatch.setattr(backend, "measured_table", lambda: {"topk_mask": "cuda"})
+    _use_table(monkeypatch, {"fastest": {"topk_mask": "cuda"}})
     monkeypatch.setattr(backend, "cuda_available", lambda op: False)
     monkeypatch.setattr(backend, "triton_available", lambda op: True)
     assert backend.provider_name("topk_mask") == "triton"
