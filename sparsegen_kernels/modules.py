@@ -45,8 +45,8 @@ class SparseUpsampleConv2d(nn.Conv2d):
     Same parameters and ``state_dict`` as ``nn.Conv2d(in_channels, out_channels, 3, padding=1)``:
     ``weight [Cout, Cin, 3, 3]``, ``bias [Cout]``. ``forward(inp)`` takes a :class:`SparseActivation`
     or a dense ``[N, Cin, H, W]`` tensor and returns ``[N, Cout, 2H, 2W]``. When no gradient can reach
-    the weight (inference, Langevin inference of the latents) the folded weight is cached until the
-    weight changes.
+    the weight (inference, Langevin inference of the latents) and the same weight is used a second time,
+    the folded weight is cached until the weight changes.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True,
@@ -54,21 +54,35 @@ class SparseUpsampleConv2d(nn.Conv2d):
         if kernel_size != 3:
             raise ValueError(f"SparseUpsampleConv2d supports kernel_size=3, got {kernel_size}")
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias, device=device, dtype=dtype)
-        self._folded_cache: Optional[tuple] = None
+        self._folded_cache: Optional[tuple] = None  # (weight key, folded weight)
+        self._folded_seen: Optional[tuple] = None  # key of the last weight folded without caching
 
     def folded_weight(self) -> Tensor:
         """The folded ``[Cin, Cout, 4, 4]`` stride-2 transposed-conv weight (differentiable)."""
         return fold_upsample_weight(self.weight)
 
     def _cached_folded_weight(self) -> Optional[Tensor]:
-        """The folded weight, cached while no gradient can reach the weight; None otherwise."""
+        """The folded weight for a forward that cannot train the weight, else None (fold inside the op).
+
+        The fold is cached from the second use of the same weight on (Langevin's steps reuse it), not on the
+        first: a single no-grad forward (the critic step's samples) then leaves no 16/9-size copy of the weight
+        alive (for the FC layer, 3200x512x16 floats). A forward that trains the weight drops the cache.
+        """
         w = self.weight
-        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and w.requires_grad:
+            self._folded_cache = self._folded_seen = None
             return None
         key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._folded_cache is None or self._folded_cache[0] != key:
-            self._folded_cache = (key, fold_upsample_weight(w.detach()))
-        return self._folded_cache[1]
+        if self._folded_cache is not None and self._folded_cache[0] == key:
+            return self._folded_cache[1]
+        self._folded_cache = None  # free a stale copy before folding the new one
+        folded = fold_upsample_weight(w.detach())
+        if self._folded_seen == key:
+            self._folded_cache = (key, folded)
+        self._folded_seen = key
+        return folded
 
     def forward(self, inp) -> Tensor:  # type: ignore[override]
         return SF.sparse_upsample_conv2d(inp, self.weight, self.bias, folded_weight=self._cached_folded_weight())

@@ -1,0 +1,88 @@
+"""The upsample-conv folds only the input channels a channel/global top-k selected (the FC layer's case).
+
+Checked against the dense reference (top-k mask, F.interpolate + F.conv2d) in float64, forward and every
+gradient, on both sides of the touched-channel threshold, plus gradcheck and torch.compile.
+"""
+import pytest
+import torch
+
+import sparsegen_kernels as sk
+from sparsegen_kernels import functional, reference
+from conftest import devices
+
+
+def _inputs(device, C, k, mode, N=2, H=3, W=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    b0 = torch.randn(C, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w3 = torch.randn(5, C, 3, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    b3 = torch.randn(5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    grad = torch.randn(N, 5, 2 * H, 2 * W, generator=g, dtype=torch.float64).to(device)
+    return x, b0, w3, b3, grad, k, mode
+
+
+def _grads(fn, x, b0, w3, b3, grad):
+    for t in (x, b0, w3, b3):
+        t.grad = None
+    out = fn()
+    out.backward(grad)
+    return [out.detach()] + [t.grad.clone() for t in (x, b0, w3, b3)]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("mode,C,k", [("channel", 40, 2), ("global", 40, 5), ("channel", 6, 4), ("global", 6, 40)])
+def test_matches_dense_reference(device, mode, C, k, monkeypatch):
+    x, b0, w3, b3, grad, k, mode = _inputs(device, C, k, mode)
+    calls = []
+    touched = functional._touched_channels
+    monkeypatch.setattr(functional, "_touched_channels", lambda *a: calls.append(touched(*a)) or calls[-1])
+    ours = _grads(lambda: sk.sparse_upsample_conv2d(sk.topk_compact(x, k, mode, b0, True), w3, b3), x, b0, w3, b3,
+                  grad)
+    expected = _grads(lambda: reference.sparse_upsample_conv2d_ref(reference.topk_mask_ref(x, k, mode, b0, True),
+                                                                   w3, b3), x, b0, w3, b3, grad)
+    for a, e in zip(ours, expected):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
+    # 40 channels with few picks: the subset path ran; 6 channels, most picked: the full fold ran.
+    assert len(calls) == 1
+    assert (calls[0] is not None) == (C == 40)
+    if calls[0] is not None:
+        channels, sub_indices, sub_shape = calls[0]
+        assert sub_shape[1] == channels.numel() < C
+        assert sub_indices.dtype == sk.topk_compact(x.detach(), k, mode, b0.detach(), True).indices.dtype
+
+
+@pytest.mark.parametrize("device", devices())
+def test_untouched_channels_get_zero_weight_gradient(device):
+    x, b0, w3, b3, grad, k, mode = _inputs(device, 40, 2, "channel")
+    sa = sk.topk_compact(x, k, mode, b0, True)
+    sk.sparse_upsample_conv2d(sa, w3, b3).backward(grad)
+    picked = torch.zeros(40, dtype=torch.bool, device=device)
+    picked[sa.indices.long().flatten()] = True
+    assert not picked.all()
+    assert torch.all(w3.grad[:, ~picked] == 0)
+    assert torch.any(w3.grad[:, picked] != 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gradcheck_through_the_subset(device):
+    x, b0, w3, b3, grad, k, mode = _inputs(device, 30, 2, "channel")
+    sa = sk.topk_compact(x.detach(), k, mode, b0.detach(), True)
+    assert functional._touched_channels(sa.indices, mode, sa.shape) is not None
+    values = sa.values.detach().requires_grad_()
+
+    def f(values, w3, b3):
+        return sk.sparse_upsample_conv2d(sk.SparseActivation(values, sa.indices, sa.shape, mode), w3, b3)
+
+    assert torch.autograd.gradcheck(f, (values, w3, b3))
+
+
+def test_compile_fullgraph_with_channel_topk():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(sk.TopK(2, "channel", relu=True), sk.SparseUpsampleConv2d(40, 5))
+    x = torch.randn(2, 40, 3, 3)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    xg, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(compiled(xg), model(xe))
+    compiled(xg).sum().backward()
+    model(xe).sum().backward()
+    torch.testing.assert_close(xg.grad, xe.grad)
