@@ -2,7 +2,7 @@
 
     python benchmarks/backend_table.py [RESULT.json ...] [--out PATH]
 
-Reads the latest CUDA run in each result file (default: ``benchmarks/results/topk_cuda.json`` and
+Reads the latest float32 CUDA run in each result file (default: ``benchmarks/results/topk_cuda.json`` and
 ``sparse_conv_cuda.json``, written by ``bench_topk.py`` and ``bench_sparse_conv.py --device cuda``) and
 writes one table that ``sk.set_backend("auto")`` consults:
 
@@ -26,12 +26,12 @@ DEFAULT_INPUTS = [os.path.join(ROOT, "benchmarks", "results", f"{n}_cuda.json") 
 DEFAULT_OUT = os.path.join(ROOT, "sparsegen_kernels", "backend_table.json")
 
 
-def latest_measurement(path: str) -> dict | None:
-    """The newest non-quick run of a result file that names a fastest provider, or None."""
+def latest_measurement(path: str, dtype: str = "float32") -> dict | None:
+    """The newest non-quick run in ``dtype`` of a result file that names a fastest provider, or None."""
     with open(path) as f:
         runs = json.load(f).get("runs", [])
     for run in reversed(runs):
-        if run.get("fastest") and not run.get("quick"):
+        if run.get("fastest") and not run.get("quick") and run.get("dtype", "float32") == dtype:
             return run
     return None
 

@@ -373,6 +373,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None,
                    help="seconds; stop starting new measurements after this (results so far are kept)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--tf32", action="store_true", help="let float32 matrix products and convolutions use TF32 "
+                   "on a GPU, dense and sparse alike (default: IEEE float32 for both)")
     p.add_argument("--out", default=None, help="results path without extension "
                    "(default benchmarks/results/generator_<device>[_quick])")
     p.add_argument("--no-plot", action="store_true")
@@ -410,6 +412,9 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # cuDNN convolutions default to TF32, the sparse kernels' float32 products do not: set both alike.
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     gpu = device.type == "cuda"
     from sparsegen import TrainConfig
 
@@ -429,7 +434,8 @@ def main(argv=None) -> dict:
     result = {"benchmark": "generator", "quick": args.quick, "config": args.config, "environment": env,
               "settings": {"batches": batches, "train_batches": train_batches, "repeats": repeats,
                            "langevin_steps_train_iter": l_g,
-                           "providers": args.providers, "workloads": args.workloads, "dtype": "float32",
+                           "providers": args.providers, "workloads": args.workloads,
+                           "dtype": "float32", "tf32": args.tf32,
                            "timing": "median of repeats, round robin over providers, after 1 warm-up each",
                            "memory": "peak allocated above the start of the run (CPU: torch.profiler "
                                      "allocator events; GPU: max_memory_allocated)"},

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (environment, fmt_ms, fmt_ratio, load_ops, parse_args, providers, ratio, try_time, use_provider,
-                    write_results)
+from common import (environment, fmt_ms, fmt_ratio, load_ops, parse_args, precision_note, providers, ratio, try_time,
+                    use_provider, write_results)
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ CASES = (
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], dtypes=True)
+    dtype = args.torch_dtype
     device = args.device
     ops = load_ops()
     import sparsegen_kernels as sk
@@ -71,16 +72,16 @@ def main() -> None:
     names = providers(device)
     env = environment(device)
     print(f"sparse upsample-conv on {env['device_name']} ({env['torch_threads']} threads), torch {env['torch']}, "
-          f"batch {N}")
+          f"batch {N}, {args.dtype}{' (TF32 allowed)' if args.tf32 and args.dtype == 'float32' else ''}")
     print(f"{'case':44s} {'provider':10s} {'op':9s} {'ms':>9s} {'vs dense':>8s} {'GMAC/s':>7s}")
     rows = []
     dense_ms = {}  # (Cin, Cout, H) -> {op: Timing}: the dense baseline does not depend on k
     torch.manual_seed(0)
     for case in cases:
         shape = [N, case.Cin, case.H, case.W]
-        x = torch.randn(shape, device=device)
-        w3 = torch.randn(case.Cout, case.Cin, 3, 3, device=device) / (3 * case.Cin ** 0.5)
-        b = torch.randn(case.Cout, device=device)
+        x = torch.randn(shape, device=device).to(dtype)
+        w3 = (torch.randn(case.Cout, case.Cin, 3, 3, device=device) / (3 * case.Cin ** 0.5)).to(dtype)
+        b = torch.randn(case.Cout, device=device).to(dtype)
         sa = sk.topk_compact(x, case.k, case.mode, None, True)
         v, i = sa.values.contiguous(), sa.indices
         dense_x = ops.compact_to_dense(v, i, case.mode, shape)
@@ -148,7 +149,8 @@ def main() -> None:
                                  ms=None if t is None else t * 1e3, ms_min=None if tm is None else tm.min * 1e3,
                                  speedup_vs_dense=r, speedup_vs_dense_min=r_min, gmac_per_s=gmacs,
                                  prefolded=op not in ("fwd+fold", "fwd+bwd")))
-    extra = {"notes": "fwd+fold folds the 3x3 weight at every call; fwd uses a weight folded once (prefolded); "
+    extra = {**precision_note(args),
+             "notes": "fwd+fold folds the 3x3 weight at every call; fwd uses a weight folded once (prefolded); "
                       "fwd+bwd goes through the autograd API, fold and its gradient included."}
     if device == "cuda":
         extra["fastest"] = fastest_gpu_provider(rows)

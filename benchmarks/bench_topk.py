@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (environment, fmt_ms, fmt_ratio, load_ops, parse_args, providers, ratio, try_time, use_provider,
-                    write_results)
+from common import (environment, fmt_ms, fmt_ratio, load_ops, parse_args, precision_note, providers, ratio, try_time,
+                    use_provider, write_results)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ CASES = (
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], dtypes=True)
+    dtype = args.torch_dtype
     device = args.device
     ops = load_ops()
     from sparsegen_kernels import reference as R
@@ -51,18 +52,20 @@ def main() -> None:
     N = 2 if args.quick else (64 if device == "cuda" else 16)
     names = providers(device)
     env = environment(device)
-    print(f"top-k on {env['device_name']} ({env['torch_threads']} threads), torch {env['torch']}, batch {N}")
+    print(f"top-k on {env['device_name']} ({env['torch_threads']} threads), torch {env['torch']}, batch {N}, "
+          f"{args.dtype}")
     print(f"{'case':40s} {'provider':10s} {'op':8s} {'ms':>9s} {'vs dense':>8s} {'GB/s':>7s}")
     rows = []
     torch.manual_seed(0)
     for case in CASES:
         shape = (N, case.C, case.H, case.W)
-        x = torch.randn(shape, device=device)
-        b = torch.randn(case.C, device=device)
+        x = torch.randn(shape, device=device).to(dtype)
+        b = torch.randn(case.C, device=device).to(dtype)
         G = x.numel() // N // case.group_size()
         idx_bytes = 2 if case.group_size() <= 32767 else 4
-        nbytes = {"mask": x.numel() * 4 * 2 + N * G * case.k * idx_bytes,
-                  "compact": x.numel() * 4 + N * G * case.k * (4 + idx_bytes)}
+        el = x.element_size()
+        nbytes = {"mask": x.numel() * el * 2 + N * G * case.k * idx_bytes,
+                  "compact": x.numel() * el + N * G * case.k * (el + idx_bytes)}
         base = None
         for prov in names:
             variants = [("mask", lambda: R.topk_mask_torch_baseline(x, case.k, case.mode, b, True))] if prov == "dense" \
@@ -83,7 +86,7 @@ def main() -> None:
                                  provider=prov, op=op, ms=None if t is None else t * 1e3,
                                  ms_min=None if tm is None else tm.min * 1e3, speedup_vs_dense=r,
                                  speedup_vs_dense_min=r_min, gb_per_s=gbs))
-    extra = {}
+    extra = precision_note(args)
     if device == "cuda":
         extra["fastest"] = fastest_gpu_provider(rows)
         print("fastest GPU provider per op:", extra["fastest"])

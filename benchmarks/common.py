@@ -31,19 +31,49 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def parse_args(description: str) -> argparse.Namespace:
-    """``--device cpu|cuda``, ``--quick`` (small batch, few repeats: for tests), ``--out FILE``."""
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(description: str, dtypes: bool = False) -> argparse.Namespace:
+    """``--device cpu|cuda``, ``--quick`` (small batch, few repeats: for tests), ``--out FILE``, ``--threads``;
+    with ``dtypes``, also ``--dtype`` and ``--tf32`` (see :func:`set_float32_precision`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: cpu)")
     p.add_argument("--quick", action="store_true", help="small batch and few repeats (a smoke test, not a measurement)")
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/<name>_<device>.json)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    if dtypes:
+        p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                       help="data type of inputs and weights, the same for sparse and dense (default: float32)")
+        p.add_argument("--tf32", action="store_true",
+                       help="let float32 matrix products and convolutions use TF32 tensor cores, on both sides "
+                            "(default: IEEE float32 on both sides)")
     args = p.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if dtypes:
+        if args.device == "cpu" and args.dtype in ("float16", "bfloat16"):
+            p.error(f"--dtype {args.dtype}: the CPU kernels take float32 and float64")
+        args.torch_dtype = DTYPES[args.dtype]
+        set_float32_precision(args.tf32)
     return args
+
+
+def set_float32_precision(tf32: bool) -> None:
+    """Same float32 precision for the dense baseline and the sparse kernels.
+
+    cuDNN convolutions use TF32 by default while matrix products (and the Triton kernels, which follow
+    ``torch.backends.cuda.matmul.allow_tf32``) do not; a float32 comparison sets both switches alike.
+    """
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def precision_note(args: argparse.Namespace) -> dict:
+    """What a result run records about its numeric precision."""
+    return {"dtype": args.dtype, "tf32": bool(args.tf32) if args.dtype == "float32" else None}
 
 
 def load_ops():

@@ -172,21 +172,20 @@ raise SystemExit(1 if missing else 0)"
   run_step gpu-tests 180 "$PY" -m pytest -m gpu "${workers[@]}" ${GPU_SUITE_PYTEST_ARGS:--q} -rfE -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$DEST/junit.xml" tests
 
-  local script extra left
-  for script in bench_topk bench_sparse_conv bench_generator; do
-    if [ -f "benchmarks/$script.py" ]; then
-      extra=()
-      if [ "$script" = bench_generator ]; then
-        # It stops starting new measurements after --budget seconds and keeps what it has.
-        left=$((BUDGET - ($(date +%s) - START) - 15))
-        [ "$left" -gt 150 ] && left=150
-        [ "$left" -gt 60 ] && extra=(--budget $((left - 40)))
-      fi
-      run_step "$script" 150 "$PY" "benchmarks/$script.py" --device cuda "${extra[@]}"
-    else
-      echo "== $script: not present, skipped"
-    fi
+  # Kernel benchmarks in float32 (IEEE on both sides: cuDNN's default TF32 is switched off for the dense
+  # baseline, as the Triton kernels do not use it either) and in bfloat16 (tensor cores on both sides).
+  local script dtype extra left
+  for script in bench_topk bench_sparse_conv; do
+    for dtype in float32 bfloat16; do
+      run_step "$script-$dtype" 150 "$PY" "benchmarks/$script.py" --device cuda --dtype "$dtype"
+    done
   done
+  # It stops starting new measurements after --budget seconds and keeps what it has.
+  left=$((BUDGET - ($(date +%s) - START) - 15))
+  [ "$left" -gt 150 ] && left=150
+  extra=()
+  [ "$left" -gt 60 ] && extra=(--budget $((left - 40)))
+  run_step bench_generator 150 "$PY" benchmarks/bench_generator.py --device cuda "${extra[@]}"
 
   # The faster provider per op, for sk.set_backend("auto"); committed as sparsegen_kernels/backend_table.json.
   run_step backend-table 30 "$PY" benchmarks/backend_table.py --out "$DEST/backend_table.json"
