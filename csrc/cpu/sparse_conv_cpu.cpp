@@ -57,32 +57,8 @@ struct ConvGeom {
 }  // namespace cpu
 }  // namespace sparsegen
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
-namespace sparsegen {
-namespace cpu {
-namespace isa_default {
-#include "sparse_conv_impl.h"
-}  // namespace isa_default
-}  // namespace cpu
-}  // namespace sparsegen
-
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define SPARSEGEN_HAVE_AVX2_COPY 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace sparsegen {
-namespace cpu {
-namespace isa_avx2 {
-#include "sparse_conv_impl.h"
-}  // namespace isa_avx2
-}  // namespace cpu
-}  // namespace sparsegen
-#pragma GCC pop_options
-#endif
+#define SPARSEGEN_ISA_IMPL "sparse_conv_impl.h"
+#include "isa_copies.h"
 
 namespace sparsegen {
 namespace cpu {
