@@ -136,6 +136,19 @@ def load_last_run(path: str) -> dict:
     return data["runs"][-1] if "runs" in data else data
 
 
+def replot(path: str, markdown, draw) -> dict:
+    """Redraw the table (``.md``, from ``markdown(run)``) and plot (``.png``, ``draw(run, png_path)``) of a
+    results file's last run, beside the file."""
+    run = load_last_run(path)
+    stem = path[:-len(".partial.json")] if path.endswith(".partial.json") else os.path.splitext(path)[0]
+    table = markdown(run)
+    with open(stem + ".md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"plot: {draw(run, stem + '.png')}")
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------
 # Timing and memory
 # ---------------------------------------------------------------------------------------------------
@@ -398,15 +411,7 @@ def _markdown(run: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.replot:
-        run = load_last_run(args.replot)
-        stem = args.replot[:-len(".partial.json")] if args.replot.endswith(".partial.json") else \
-            os.path.splitext(args.replot)[0]
-        table = _markdown(run)
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        print(table)
-        print(f"plot: {plot(run['rows'], stem + '.png', plot_title(run))}")
-        return run
+        return replot(args.replot, _markdown, lambda run, png: plot(run["rows"], png, plot_title(run)))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generator import (MB, RESULTS, ROOT, MemoryMeter, environment, import_kernels, load_last_run,  # noqa: E402
+from bench_generator import (MB, RESULTS, ROOT, MemoryMeter, environment, import_kernels, replot,  # noqa: E402
                              save_run, timed)
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -376,15 +376,8 @@ def main(argv=None):
                    "file's last run")
     args = p.parse_args(argv)
     if args.replot:
-        run = load_last_run(args.replot)
-        stem = args.replot[:-len(".partial.json")] if args.replot.endswith(".partial.json") else \
-            os.path.splitext(args.replot)[0]
-        table = _markdown(run)
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        print(table)
-        print(f"plot: {plot(run['rows'], run['summary'], stem + '.png', plot_title(run))}")
-        return run
+        return replot(args.replot, _markdown,
+                      lambda run, png: plot(run["rows"], run["summary"], png, plot_title(run)))
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu and not torch.cuda.is_available():
