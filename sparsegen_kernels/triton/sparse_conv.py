@@ -64,6 +64,16 @@ IGRAD_GEMM_MIN_DENSITY = 1.0 / 8
 # Forward kernels
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
+def _acc_zeros(M: tl.constexpr, N: tl.constexpr, ACC64: tl.constexpr):
+    """A ``[M, N]`` accumulator of zeros: float64 for float64 operands, float32 for every other dtype."""
+    if ACC64:
+        acc = tl.zeros([M, N], dtype=tl.float64)
+    else:
+        acc = tl.zeros([M, N], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _phase_tile(pid, n_tiles, Ao, Bo, Ho, Wo, SH, SW, PH, PW, BLOCK_P: tl.constexpr):
     """Decode ``pid`` into (sample, output-pixel tile of one stride phase) and that phase's tap geometry.
 
@@ -108,10 +118,7 @@ def _conv_t_gemm_fwd_kernel(x_ptr, wt_ptr, bias_ptr, out_ptr,
                                                           SH, SW, PH, PW, BLOCK_P)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     comask = co < Cout
-    if ACC64:
-        acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_P, BLOCK_CO, ACC64)
     x_base = x_ptr + n * sxN
     n_th = (KH - kh0 + SH - 1) // SH
     n_tw = (KW - kw0 + SW - 1) // SW
@@ -152,10 +159,7 @@ def _conv_t_gather_fwd_kernel(val_ptr, idx_ptr, wt_ptr, bias_ptr, out_ptr,
                                                           SH, SW, PH, PW, BLOCK_P)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     comask = co < Cout
-    if ACC64:
-        acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_P, BLOCK_CO, ACC64)
     n_th = (KH - kh0 + SH - 1) // SH
     n_tw = (KW - kw0 + SW - 1) // SW
     for th in range(n_th):
@@ -219,10 +223,7 @@ def _conv_t_input_grad_kernel(go_ptr, idx_ptr, wt_ptr, out_ptr,
     n, c, p = _entry_location(e, idx, G, k, HW, MODE)
     ih = p // W
     iw = p % W
-    if ACC64:
-        acc = tl.zeros([BLOCK_E, BLOCK_CO], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_E, BLOCK_CO], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_E, BLOCK_CO, ACC64)
     for kh in range(KH):
         oh = ih * SH - PH + kh
         vh = em & (oh >= 0) & (oh < Ho)
@@ -255,10 +256,7 @@ def _conv_t_input_grad_gemm_kernel(go_ptr, wt_ptr, out_ptr,
     iw = q % W
     ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     cim = ci < Cin
-    if ACC64:
-        acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_P, BLOCK_CI, ACC64)
     for kh in range(KH):
         oh = ih * SH - PH + kh
         vh = pm & (oh >= 0) & (oh < Ho)
@@ -297,10 +295,7 @@ def _conv_t_weight_grad_segment_kernel(go_ptr, val_ptr, idx_ptr, perm_ptr, seg_p
     comask = co < Cout
     start = tl.load(seg_ptr + c)
     end = tl.load(seg_ptr + c + 1)
-    if ACC64:
-        acc = tl.zeros([BLOCK_E, BLOCK_CO], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_E, BLOCK_CO], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_E, BLOCK_CO, ACC64)
     for e0 in range(start, end, BLOCK_E):
         i = e0 + tl.arange(0, BLOCK_E)
         im = i < end
@@ -339,10 +334,7 @@ def _conv_t_weight_grad_gemm_kernel(x_ptr, go_ptr, dw_ptr,
     split = tl.program_id(2) // n_co
     co = (tl.program_id(2) % n_co) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     com = co < Cout
-    if ACC64:
-        acc = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_CI, BLOCK_CO, ACC64)
     HWi = H * W
     k_lo = split * k_split
     k_hi = tl.minimum(k_lo + k_split, N * HWi)
