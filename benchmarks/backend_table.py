@@ -43,18 +43,19 @@ ROW_OPS = {"topk": {"mask": "topk_mask", "compact": "topk_compact"},
 PROVIDERS = ("triton", "cuda")
 
 
-def fastest_by_mode(run: dict) -> dict:
-    """``{op: {mode: provider}}``: the provider with the least total time over the cases of each mode.
+def _fastest(benchmark: str, rows: list[dict], by_mode: bool) -> dict:
+    """``{op: {mode or None: provider}}``: the provider with the least total time over the cases (of a mode).
 
     Only cases that every provider ran count, so the totals compare like with like.
     """
-    row_ops = ROW_OPS.get(run.get("benchmark"), {})
+    row_ops = ROW_OPS.get(benchmark, {})
     times: dict = {}  # (op, mode, case) -> {provider: ms}
-    for row in run.get("rows", []):
+    for row in rows:
         op = row_ops.get(row.get("op"))
         if op is None or row.get("provider") not in PROVIDERS or row.get("ms") is None:
             continue
-        times.setdefault((op, row.get("mode"), row.get("name")), {})[row["provider"]] = row["ms"]
+        mode = row.get("mode") if by_mode else None
+        times.setdefault((op, mode, row.get("name")), {})[row["provider"]] = row["ms"]
     totals: dict = {}
     for (op, mode, _), per_provider in times.items():
         if len(per_provider) == len(PROVIDERS):
@@ -62,6 +63,16 @@ def fastest_by_mode(run: dict) -> dict:
             for provider, ms in per_provider.items():
                 acc[provider] += ms
     return {op: {mode: min(acc, key=acc.get) for mode, acc in modes.items()} for op, modes in totals.items()}
+
+
+def fastest_providers(benchmark: str, rows: list[dict]) -> dict:
+    """``{op: "triton" | "cuda"}`` over all cases of a benchmark run's rows (what the benchmarks record)."""
+    return {op: modes[None] for op, modes in _fastest(benchmark, rows, by_mode=False).items()}
+
+
+def fastest_by_mode(run: dict) -> dict:
+    """``{op: {mode: "triton" | "cuda"}}`` over the cases of each top-k mode of a result run."""
+    return _fastest(run.get("benchmark"), run.get("rows", []), by_mode=True)
 
 
 def build_table(paths: list[str]) -> dict:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from backend_table import fastest_providers
 from common import (environment, fmt_ms, fmt_ratio, load_ops, parse_args, precision_note, providers, ratio, try_time,
                     use_provider, write_results)
 
@@ -153,26 +154,10 @@ def main() -> None:
              "notes": "fwd+fold folds the 3x3 weight at every call; fwd uses a weight folded once (prefolded); "
                       "fwd+bwd goes through the autograd API, fold and its gradient included."}
     if device == "cuda":
-        extra["fastest"] = fastest_gpu_provider(rows)
+        extra["fastest"] = fastest_providers("sparse_conv", rows)
         print("fastest GPU provider per op:", extra["fastest"])
     path = write_results("sparse_conv", rows, device, args.out, extra, quick=args.quick)
     print(f"results: {path}")
-
-
-def fastest_gpu_provider(rows: list[dict]) -> dict:
-    """{op: "triton" | "cuda"} by total time over the cases both ran."""
-    op_names = {"fwd": "sparse_conv_transpose2d", "in_grad": "sparse_conv_transpose2d_input_grad",
-                "w_grad": "sparse_conv_transpose2d_weight_grad"}
-    out = {}
-    for op, name in op_names.items():
-        tot = {}
-        for prov in ("triton", "cuda"):
-            ts = [r["ms"] for r in rows if r["provider"] == prov and r["op"] == op]
-            if ts and all(t is not None for t in ts):
-                tot[prov] = sum(ts)
-        if tot:
-            out[name] = min(tot, key=tot.get)
-    return out
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from backend_table import fastest_providers
 from common import (environment, fmt_ms, fmt_ratio, load_ops, parse_args, precision_note, providers, ratio, try_time,
                     use_provider, write_results)
 
@@ -88,24 +89,10 @@ def main() -> None:
                                  speedup_vs_dense_min=r_min, gb_per_s=gbs))
     extra = precision_note(args)
     if device == "cuda":
-        extra["fastest"] = fastest_gpu_provider(rows)
+        extra["fastest"] = fastest_providers("topk", rows)
         print("fastest GPU provider per op:", extra["fastest"])
     path = write_results("topk", rows, device, args.out, extra, quick=args.quick)
     print(f"results: {path}")
-
-
-def fastest_gpu_provider(rows: list[dict]) -> dict:
-    """{"topk_mask" | "topk_compact": "triton" | "cuda"} by total time over the cases both ran."""
-    out = {}
-    for op in ("mask", "compact"):
-        tot = {}
-        for prov in ("triton", "cuda"):
-            ts = [r["ms"] for r in rows if r["provider"] == prov and r["op"] == op]
-            if ts and all(t is not None for t in ts):
-                tot[prov] = sum(ts)
-        if tot:
-            out[f"topk_{op}"] = min(tot, key=tot.get)
-    return out
 
 
 if __name__ == "__main__":
