@@ -115,9 +115,12 @@ def provider_name(op: str, mode: str | None = None) -> str:
 def cuda_dispatcher(op: str, reference_kernel: Callable) -> Callable:
     """The CUDA kernel registered for ``sparsegen::<op>``: forwards to the selected provider."""
 
+    # Position of the op's ``mode`` argument, read once from its schema (not searched for at every call).
+    names = [a.name for a in getattr(torch.ops.sparsegen, op).default._schema.arguments]
+    mode_at = names.index("mode")
+
     def kernel(*args):
-        mode = next((a for a in args if isinstance(a, str)), None)  # every op's first str argument
-        name = provider_name(op, mode)
+        name = provider_name(op, args[mode_at])
         if name == "cuda":
             return getattr(torch.ops.sparsegen, f"{op}_cuda").default(*args)
         if name == "triton":

@@ -132,3 +132,16 @@ def test_forced_backend_that_is_missing_names_the_problem(monkeypatch, auto_back
     sk.set_backend("cuda")
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
         backend.provider_name("topk_mask")
+
+
+def test_dispatcher_passes_each_ops_mode_argument(monkeypatch):
+    seen = []
+    monkeypatch.setattr(backend, "provider_name", lambda op, mode=None: seen.append((op, mode)) or "reference")
+    calls = {"topk_mask": ("x", 2, "channel", None, True),
+             "compact_gather": ("dense", "indices", "global"),
+             "sparse_conv_transpose2d_weight_grad": ("g", "v", "i", "spatial", [1], [1], [2], [1])}
+    for op, args in calls.items():
+        kernel = backend.cuda_dispatcher(op, lambda *a: "ran the reference")
+        assert kernel(*args) == "ran the reference"
+    assert seen == [("topk_mask", "channel"), ("compact_gather", "global"),
+                    ("sparse_conv_transpose2d_weight_grad", "spatial")]
