@@ -417,9 +417,7 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
-    # cuDNN convolutions default to TF32, the sparse kernels' float32 products do not: set both alike.
-    torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    common.set_float32_precision(args.tf32)
     gpu = device.type == "cuda"
     from sparsegen import TrainConfig
 
