@@ -209,3 +209,26 @@ def test_bad_generator_arguments():
         g(torch.randn(2, 9))
     with pytest.raises(ValueError, match="images must be"):
         EnergyCritic("tiny16")(torch.randn(2, 3, 32, 32))
+
+
+def test_folded_dense_upsample_equals_interpolate_then_conv():
+    """``dense_upsample="folded"`` (one stride-2 transposed conv on the folded weight) is the same function,
+    with the same parameter gradients, as nearest-x2 ``F.interpolate`` + 3x3 ``F.conv2d``."""
+    torch.manual_seed(0)
+    ref = SparseGenerator("tiny16", sparse=False).double()
+    folded = SparseGenerator("tiny16", sparse=False, dense_upsample="folded").double()
+    folded.load_state_dict(ref.state_dict())
+    assert ref.dense_upsample == "interpolate" and "dense_upsample='folded'" in repr(folded)
+    z = torch.randn(3, ref.z_dim, dtype=torch.float64)
+    y_ref, y = ref(z), folded(z)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
+    y_ref.square().sum().backward()
+    y.square().sum().backward()
+    for (name, p_ref), (_, p) in zip(ref.named_parameters(), folded.named_parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-10, msg=name)
+    with pytest.raises(ValueError, match="'nearest'"):
+        SparseGenerator("tiny16", sparse=False, dense_upsample="nearest")
+    with pytest.raises(ValueError, match="'bogus'"):
+        folded.dense_upsample = "bogus"
+    assert folded.dense_upsample == "folded"
