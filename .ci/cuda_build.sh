@@ -68,8 +68,8 @@ step "device code in $SO"
 CUOBJDUMP="$(command -v cuobjdump || true)"
 [ -n "$CUOBJDUMP" ] || { [ -x "$CUDA_HOME/bin/cuobjdump" ] && CUOBJDUMP="$CUDA_HOME/bin/cuobjdump"; } || true
 [ -n "$CUOBJDUMP" ] || CUOBJDUMP="$(find "$SITE/triton" -name cuobjdump -type f 2>/dev/null | head -n 1)"
-KERNELS="topk_warp_kernel topk_block_kernel compact_layout_kernel scatter_compact_kernel scatter_dense_kernel
-    gather_channel_kernel finalize_kernel folded_gemm_kernel input_grad_kernel weight_grad_kernel"
+KERNELS="topk_warp_kernel topk_block_kernel compact_layout_kernel scatter_compact_kernel compact_to_nhwc_kernel
+    gather_channel_kernel finalize_kernel input_grad_kernel weight_grad_kernel"
 missing=0
 if [ -n "$CUOBJDUMP" ]; then
   echo "using $CUOBJDUMP"

@@ -2,16 +2,19 @@
 
     python benchmarks/backend_table.py [RESULT.json ...] [--out PATH]
 
-Reads the latest float32 CUDA run in each result file (default: ``benchmarks/results/topk_cuda.json`` and
+Reads the latest CUDA run of each dtype in each result file (default: ``benchmarks/results/topk_cuda.json`` and
 ``sparse_conv_cuda.json``, written by ``bench_topk.py`` and ``bench_sparse_conv.py --device cuda``) and
 writes one table that ``sk.set_backend("auto")`` consults:
 
-* ``"fastest"``: ``{op: provider}``, the run's own choice by total time over all its cases;
-* ``"fastest_by_mode"``: ``{op: {mode: provider}}``, the same over the cases of one top-k mode only (the
-  FC layer's ``channel`` groups and the convolutions' ``spatial`` groups favour different kernels);
+* ``"by_dtype"``: ``{dtype: {"fastest": {op: provider}, "fastest_by_mode": {op: {mode: provider}}}}``, the
+  choice for inputs of that dtype (bfloat16 and float32 favour different kernels);
+* ``"fastest"`` / ``"fastest_by_mode"``: the defaults for other dtypes, from the bfloat16 runs where there are
+  any (the precision generators train in), else float32;
 * ``"measured"``: where and when each op was measured.
 
-Nothing is written when no file holds a measurement, so a table is never made up.
+A choice is the provider with the least total time over the cases every provider ran (of a top-k mode, for
+``fastest_by_mode``: the FC layer's ``channel`` groups and the convolutions' ``spatial`` groups favour
+different kernels). Nothing is written when no file holds a measurement, so a table is never made up.
 """
 from __future__ import annotations
 
@@ -36,19 +39,23 @@ def latest_measurement(path: str, dtype: str = "float32") -> dict | None:
     return None
 
 
-# Benchmark row "op" -> library op, per result file kind.
+DTYPES = ("bfloat16", "float32", "float16")
+# Benchmark row "op" -> library op, per result file kind, for runs that do not record their own mapping
+# (``run["row_ops"]``; the sparse-conv runs before the upsample-conv ops timed the transposed-conv ops as
+# "fwd", "in_grad" and "w_grad").
 ROW_OPS = {"topk": {"mask": "topk_mask", "compact": "topk_compact"},
            "sparse_conv": {"fwd": "sparse_conv_transpose2d", "in_grad": "sparse_conv_transpose2d_input_grad",
                            "w_grad": "sparse_conv_transpose2d_weight_grad"}}
 PROVIDERS = ("triton", "cuda")
 
 
-def _fastest(benchmark: str, rows: list[dict], by_mode: bool) -> dict:
+def _fastest(benchmark: str, rows: list[dict], by_mode: bool, row_ops: dict | None = None) -> dict:
     """``{op: {mode or None: provider}}``: the provider with the least total time over the cases (of a mode).
 
-    Only cases that every provider ran count, so the totals compare like with like.
+    Only cases that every provider ran count, so the totals compare like with like. ``row_ops`` maps the
+    rows' "op" to library ops (default: :data:`ROW_OPS` of the benchmark).
     """
-    row_ops = ROW_OPS.get(benchmark, {})
+    row_ops = row_ops or ROW_OPS.get(benchmark, {})
     times: dict = {}  # (op, mode, case) -> {provider: ms}
     for row in rows:
         op = row_ops.get(row.get("op"))
@@ -65,33 +72,39 @@ def _fastest(benchmark: str, rows: list[dict], by_mode: bool) -> dict:
     return {op: {mode: min(acc, key=acc.get) for mode, acc in modes.items()} for op, modes in totals.items()}
 
 
-def fastest_providers(benchmark: str, rows: list[dict]) -> dict:
+def fastest_providers(benchmark: str, rows: list[dict], row_ops: dict | None = None) -> dict:
     """``{op: "triton" | "cuda"}`` over all cases of a benchmark run's rows (what the benchmarks record)."""
-    return {op: modes[None] for op, modes in _fastest(benchmark, rows, by_mode=False).items()}
+    return {op: modes[None] for op, modes in _fastest(benchmark, rows, False, row_ops).items()}
 
 
 def fastest_by_mode(run: dict) -> dict:
     """``{op: {mode: "triton" | "cuda"}}`` over the cases of each top-k mode of a result run."""
-    return _fastest(run.get("benchmark"), run.get("rows", []), by_mode=True)
+    return _fastest(run.get("benchmark"), run.get("rows", []), True, run.get("row_ops"))
 
 
 def build_table(paths: list[str]) -> dict:
-    """``{"fastest": {op: provider}, "measured": {op: {device, date, torch, source}}}`` from result files."""
-    fastest, by_mode, measured = {}, {}, {}
-    for path in paths:
-        if not os.path.exists(path):
-            continue
-        run = latest_measurement(path)
-        if run is None:
-            continue
-        env = run.get("environment", {})
-        by_mode.update(fastest_by_mode(run))
-        for op, provider in run["fastest"].items():
-            fastest[op] = provider
-            measured[op] = {"device": env.get("device_name") or env.get("device"), "date": env.get("date"),
-                            "torch": env.get("torch"), "triton": env.get("triton"),
-                            "source": os.path.relpath(path, ROOT)}
-    return {"fastest": fastest, "fastest_by_mode": by_mode, "measured": measured,
+    """The table (see the module docstring) from result files."""
+    by_dtype, measured = {}, {}
+    for dtype in DTYPES:
+        fastest, by_mode = {}, {}
+        for path in paths:
+            if not os.path.exists(path):
+                continue
+            run = latest_measurement(path, dtype)
+            if run is None:
+                continue
+            env = run.get("environment", {})
+            by_mode.update(fastest_by_mode(run))
+            for op, provider in run["fastest"].items():
+                fastest[op] = provider
+                measured.setdefault(op, {})[dtype] = {
+                    "device": env.get("device_name") or env.get("device"), "date": env.get("date"),
+                    "torch": env.get("torch"), "triton": env.get("triton"), "source": os.path.relpath(path, ROOT)}
+        if fastest:
+            by_dtype[dtype] = {"fastest": fastest, "fastest_by_mode": by_mode}
+    default = next((by_dtype[d] for d in DTYPES if d in by_dtype), {"fastest": {}, "fastest_by_mode": {}})
+    return {"fastest": dict(default["fastest"]), "fastest_by_mode": dict(default["fastest_by_mode"]),
+            "by_dtype": by_dtype, "measured": measured,
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

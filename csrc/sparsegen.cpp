@@ -54,6 +54,23 @@ TORCH_LIBRARY(sparsegen, m) {
       "sparse_conv_transpose2d_weight_grad(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
       "SymInt[] in_shape, SymInt[] weight_shape, int[] stride, int[] padding) -> Tensor");
 
+  // ---- sparse upsample convolution --------------------------------------------------------------
+  // out = conv2d(interpolate(dense(input), scale_factor=2, mode="nearest"), weight, bias, padding=1),
+  // weight [Cout, Cin, 3, 3] (Conv2d layout) -> out [N, Cout, 2H, 2W], never materialising the upsampled
+  // map. Kernels either fold the weight into a stride-2 4x4 transposed conv or, for very sparse inputs,
+  // work on the 3x3 weight directly. indices = None: dense input, zeros skipped.
+  m.def(
+      "sparse_upsample_conv2d(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, "
+      "Tensor? bias) -> Tensor");
+  // d(out)/d(values) at the surviving entries only: grad_out [N, Cout, 2H, 2W] -> [N, G, k].
+  m.def(
+      "sparse_upsample_conv2d_input_grad(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
+      "Tensor weight) -> Tensor");
+  // d(out)/d(weight) summed over the surviving entries -> [Cout, Cin, 3, 3].
+  m.def(
+      "sparse_upsample_conv2d_weight_grad(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
+      "SymInt[] in_shape) -> Tensor");
+
   // ---- CUDA C++ providers (kernels in csrc/cuda; same semantics as the ops above) ----------------
   m.def("topk_compact_cuda(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor values, Tensor indices)");
   m.def("topk_mask_cuda(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor out, Tensor indices)");

@@ -5,7 +5,7 @@ dispatcher that calls one provider:
 
 * ``"cuda"``: the C++ kernels in ``csrc/cuda`` (ops ``torch.ops.sparsegen.<op>_cuda``),
 * ``"triton"``: the kernels in :mod:`sparsegen_kernels.triton`,
-* ``"auto"`` (default): per op and top-k mode, the faster of the two according to the measured table
+* ``"auto"`` (default): per op, top-k mode and dtype, the faster of the two according to the measured table
   ``backend_table.json`` beside this file (written by ``benchmarks/backend_table.py`` from the GPU
   benchmarks), else whichever is available, CUDA C++ first.
 
@@ -19,6 +19,8 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
+
+from .fold import fold_upsample_weight, unfold_upsample_weight_grad
 
 BACKENDS = ("auto", "triton", "cuda")
 _TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_table.json")
@@ -43,12 +45,46 @@ def get_backend() -> str:
     return name
 
 
+# The CUDA C++ provider of the upsample-conv ops folds the 3x3 weight and runs the transposed-conv kernels.
+def _cuda_upsample_conv(values, indices, mode, in_shape, weight, bias):
+    w4 = fold_upsample_weight(weight)
+    return torch.ops.sparsegen.sparse_conv_transpose2d_cuda(values, indices, mode, in_shape, w4, bias, [2, 2],
+                                                            [1, 1], [0, 0])
+
+
+def _cuda_upsample_input_grad(grad_out, indices, mode, in_shape, weight):
+    return torch.ops.sparsegen.sparse_conv_transpose2d_input_grad_cuda(grad_out, indices, mode, in_shape,
+                                                                       fold_upsample_weight(weight), [2, 2], [1, 1])
+
+
+def _cuda_upsample_weight_grad(grad_out, values, indices, mode, in_shape):
+    w_shape = [in_shape[1], grad_out.shape[1], 4, 4]
+    gw4 = torch.ops.sparsegen.sparse_conv_transpose2d_weight_grad_cuda(grad_out, values, indices, mode, in_shape,
+                                                                       w_shape, [2, 2], [1, 1])
+    return unfold_upsample_weight_grad(gw4)
+
+
+# op -> (CUDA C++ op it is built on, the composition)
+_CUDA_COMPOSITES = {
+    "sparse_upsample_conv2d": ("sparse_conv_transpose2d", _cuda_upsample_conv),
+    "sparse_upsample_conv2d_input_grad": ("sparse_conv_transpose2d_input_grad", _cuda_upsample_input_grad),
+    "sparse_upsample_conv2d_weight_grad": ("sparse_conv_transpose2d_weight_grad", _cuda_upsample_weight_grad),
+}
+
+
 def cuda_available(op: str) -> bool:
     """Whether the CUDA C++ provider of ``op`` was compiled into ``_C``."""
+    base = _CUDA_COMPOSITES[op][0] if op in _CUDA_COMPOSITES else op
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegen::{op}_cuda", "CUDA")
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegen::{base}_cuda", "CUDA")
     except RuntimeError:
         return False
+
+
+def _cuda_kernel(op: str) -> Callable:
+    if op in _CUDA_COMPOSITES:
+        return _CUDA_COMPOSITES[op][1]
+    return getattr(torch.ops.sparsegen, f"{op}_cuda").default
 
 
 @lru_cache(maxsize=None)
@@ -78,9 +114,15 @@ def _table_file() -> dict:
 
 
 @lru_cache(maxsize=None)
-def _preferred(op: str, mode: str | None) -> str | None:
+def _preferred(op: str, mode: str | None, dtype: str | None = None) -> str | None:
+    """The measured faster provider of ``op`` for inputs of ``dtype`` (e.g. ``"bfloat16"``) grouped by ``mode``:
+    the table of that dtype first, then the table's defaults."""
     table = _table_file()
-    return table.get("fastest_by_mode", {}).get(op, {}).get(mode) or table.get("fastest", {}).get(op)
+    for t in (table.get("by_dtype", {}).get(dtype, {}), table):
+        choice = t.get("fastest_by_mode", {}).get(op, {}).get(mode) or t.get("fastest", {}).get(op)
+        if choice:
+            return choice
+    return None
 
 
 def measured_table() -> dict:
@@ -93,11 +135,11 @@ def measured_mode_table() -> dict:
     return {op: dict(modes) for op, modes in _table_file().get("fastest_by_mode", {}).items()}
 
 
-def provider_name(op: str, mode: str | None = None) -> str:
-    """The provider that will run ``op`` (on groups of top-k ``mode``) on a CUDA tensor now."""
+def provider_name(op: str, mode: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """The provider that will run ``op`` (on groups of top-k ``mode``, inputs of ``dtype``) on a CUDA tensor now."""
     choice = get_backend()
     if choice == "auto":
-        preferred = _preferred(op, mode)
+        preferred = _preferred(op, mode, None if dtype is None else str(dtype).rsplit(".", 1)[-1])
         order = [preferred] if preferred else []
         order += [p for p in ("cuda", "triton") if p not in order]
         for p in order:
@@ -120,9 +162,9 @@ def cuda_dispatcher(op: str, reference_kernel: Callable) -> Callable:
     mode_at = names.index("mode")
 
     def kernel(*args):
-        name = provider_name(op, args[mode_at])
+        name = provider_name(op, args[mode_at], args[0].dtype)
         if name == "cuda":
-            return getattr(torch.ops.sparsegen, f"{op}_cuda").default(*args)
+            return _cuda_kernel(op)(*args)
         if name == "triton":
             return _triton_providers()[op](*args)
         return reference_kernel(*args)

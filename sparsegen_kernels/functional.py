@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .reference import FOLD_MATRIX, MODES, fold_upsample_weight, group_geometry
+from .reference import MODES, group_geometry
 from .sparse_activation import SparseActivation
 
 SparseOrDense = Union[SparseActivation, Tensor]
@@ -135,11 +135,12 @@ def sparse_upsample_conv2d(inp: SparseOrDense, weight: Tensor, bias: Optional[Te
                            folded_weight: Optional[Tensor] = None) -> Tensor:
     """``F.conv2d(F.interpolate(dense(inp), scale_factor=2, mode="nearest"), weight, bias, padding=1)``.
 
-    Computed as one stride-2 transposed conv with the folded 4x4 weight (never materialising the
-    upsampled tensor). ``inp``: :class:`SparseActivation` or dense ``[N, Cin, H, W]``; ``weight
-    [Cout, Cin, 3, 3]``; ``bias [Cout]`` -> ``[N, Cout, 2H, 2W]``. ``folded_weight`` may pass a
-    precomputed :func:`~sparsegen_kernels.reference.fold_upsample_weight` of ``weight`` (no gradient
-    then reaches ``weight`` through it).
+    Never materialises the upsampled tensor: the kernels run a stride-2 transposed conv with the folded 4x4
+    weight, or, after a very sparse channel top-k (the FC layer), work on the 3x3 weight directly.
+    ``inp``: :class:`SparseActivation` or dense ``[N, Cin, H, W]``; ``weight [Cout, Cin, 3, 3]``;
+    ``bias [Cout]`` -> ``[N, Cout, 2H, 2W]``. ``folded_weight`` may pass a precomputed
+    :func:`~sparsegen_kernels.fold_upsample_weight` of ``weight`` (no gradient then reaches ``weight``
+    through it).
     """
     if scale_factor != 2 or padding != 1:
         raise ValueError(f"sparse_upsample_conv2d supports scale_factor=2 with a 3x3 kernel and padding=1, "
@@ -151,90 +152,4 @@ def sparse_upsample_conv2d(inp: SparseOrDense, weight: Tensor, bias: Optional[Te
         return sparse_conv_transpose2d(inp, folded_weight, bias, stride=2, padding=1)
     values, indices, mode, in_shape = _unpack_input(inp)
     _check_conv_args(values, in_shape, weight.transpose(0, 1), bias)
-    return _FoldedUpsampleConv.apply(values, indices, mode, in_shape, weight, bias)
-
-
-# Fold only the input channels the selection touches when they are at most this fraction of all channels.
-TOUCHED_CHANNEL_FRACTION = 0.75
-
-
-def _touched_channels(indices: Optional[Tensor], mode: str, in_shape: Sequence[int]):
-    """``(channels, sub_indices, sub_shape)`` restricting a ``channel``/``global`` compact input to the input
-    channels it selects, or None where that would not pay (spatial mode, dense input, most channels touched,
-    or under ``torch.compile``, which cannot trace the data-dependent channel count).
-
-    ``channels [U]`` (sorted) are the touched channels; ``sub_indices`` address the same entries of an input of
-    ``sub_shape = [N, U, H, W]``.
-    """
-    if indices is None or mode == "spatial" or torch.compiler.is_compiling():
-        return None
-    N, C, H, W = in_shape
-    # With as many picks as twice the channels, most channels are touched anyway (1 - e^-2 = 86% for uniform
-    # picks): skip the count, which waits for the device, and never count while a CUDA graph is captured.
-    if indices.numel() >= 2 * C or (indices.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return None
-    idx = indices.long()
-    channel = idx if mode == "channel" else torch.div(idx, H * W, rounding_mode="floor")
-    channels, inverse = torch.unique(channel, sorted=True, return_inverse=True)
-    if channels.numel() > TOUCHED_CHANNEL_FRACTION * C:
-        return None
-    sub = inverse if mode == "channel" else inverse * (H * W) + idx % (H * W)
-    return channels, sub.to(indices.dtype), [N, channels.numel(), H, W]
-
-
-class _FoldedUpsampleConv(torch.autograd.Function):
-    """Upsample-conv through the folded weight, keeping only the 3x3 weight for backward.
-
-    Saving the 3x3 weight (a parameter, alive anyway) instead of the 16/9x larger folded 4x4 copy keeps
-    backward memory to the compact input; the fold is recomputed in backward and its adjoint maps
-    ``dweight4 -> dweight3``. For ``channel``/``global`` top-k (the FC layer: 8 of 3200 channels per
-    position) only the input channels that were selected are folded, and only their gradient computed.
-    """
-
-    @staticmethod
-    def forward(ctx, values, indices, mode, in_shape, weight3, bias):
-        touched = _touched_channels(indices, mode, in_shape)
-        if touched is None:
-            channels, conv_indices, conv_shape, w3 = None, indices, in_shape, weight3
-        else:
-            channels, conv_indices, conv_shape = touched
-            w3 = weight3.index_select(1, channels)
-        ctx.mode, ctx.in_shape, ctx.conv_shape = mode, in_shape, conv_shape
-        ctx.save_for_backward(values, conv_indices, weight3, channels)
-        return ops.sparse_conv_transpose2d(values, conv_indices, mode, conv_shape, fold_upsample_weight(w3), bias,
-                                           [2, 2], [1, 1], [0, 0])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        values, indices, weight3, channels = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_values = grad_weight = grad_bias = None
-        need_values, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[4], \
-            ctx.needs_input_grad[5]
-        w3 = weight3 if channels is None else weight3.index_select(1, channels)
-        w4 = fold_upsample_weight(w3) if (need_values or need_weight) else None
-        if need_values:
-            if indices is not None:
-                grad_values = ops.sparse_conv_transpose2d_input_grad(grad_out, indices, ctx.mode, ctx.conv_shape,
-                                                                     w4, [2, 2], [1, 1])
-            else:
-                grad_values = torch.nn.functional.conv2d(grad_out, w4, stride=2, padding=1)
-        if need_weight:
-            grad_w4 = ops.sparse_conv_transpose2d_weight_grad(grad_out, values, indices, ctx.mode, ctx.conv_shape,
-                                                              list(w4.shape), [2, 2], [1, 1])
-            grad_weight = unfold_upsample_weight_grad(grad_w4)
-            if channels is not None:
-                grad_weight = weight3.new_zeros(weight3.shape).index_copy_(1, channels, grad_weight)
-        if need_bias:
-            grad_bias = grad_out.sum((0, 2, 3))
-        return grad_values, None, None, None, grad_weight, grad_bias
-
-
-def unfold_upsample_weight_grad(grad_weight4: Tensor) -> Tensor:
-    """Adjoint of :func:`fold_upsample_weight`: ``dweight4 [Cin, Cout, 4, 4] -> dweight3 [Cout, Cin, 3, 3]``."""
-    # dW3[o, i, y, x] = sum_jk A[j, y] A[k, x] dW4[i, o, j, k]: one [Cin*Cout, 16] x kron(A, A) [16, 9] product
-    # (a view of the result in [Cout, Cin, 3, 3] order, Cin-major in memory).
-    Cin, Cout = grad_weight4.shape[:2]
-    A = grad_weight4.new_tensor(FOLD_MATRIX)
-    g = grad_weight4.reshape(Cin * Cout, 16)
-    return torch.matmul(g, torch.kron(A, A)).view(Cin, Cout, 3, 3).transpose(0, 1)
+    return ops.sparse_upsample_conv2d(values, indices, mode, in_shape, weight, bias)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import backend, reference
 from ._loader import load_extension
+from .fold import fold_upsample_weight, unfold_upsample_weight_grad
 
 _LIB = "sparsegen"
 OP_NAMES = (
@@ -25,7 +26,12 @@ OP_NAMES = (
     "sparse_conv_transpose2d",
     "sparse_conv_transpose2d_input_grad",
     "sparse_conv_transpose2d_weight_grad",
+    "sparse_upsample_conv2d",
+    "sparse_upsample_conv2d_input_grad",
+    "sparse_upsample_conv2d_weight_grad",
 )
+# Ops whose CPU kernels are compositions of the other ops, written in Python below (not in csrc/cpu).
+PYTHON_CPU_OPS = ("sparse_upsample_conv2d", "sparse_upsample_conv2d_input_grad", "sparse_upsample_conv2d_weight_grad")
 
 
 def _op(name: str):
@@ -78,6 +84,25 @@ def sparse_conv_transpose2d_weight_grad(grad_out: Tensor, values: Tensor, indice
                                                       list(weight_shape), list(stride), list(padding))
 
 
+def sparse_upsample_conv2d(values: Tensor, indices: Optional[Tensor], mode: str, in_shape: Sequence[int],
+                           weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``conv2d(interpolate(dense(input), 2, "nearest"), weight, bias, padding=1)``, ``weight [Cout, Cin, 3, 3]``
+    -> ``[N, Cout, 2H, 2W]``."""
+    return _op("sparse_upsample_conv2d")(values, indices, mode, list(in_shape), weight, bias)
+
+
+def sparse_upsample_conv2d_input_grad(grad_out: Tensor, indices: Tensor, mode: str, in_shape: Sequence[int],
+                                      weight: Tensor) -> Tensor:
+    """``d out / d values`` of the upsample-conv at the surviving entries: ``grad_out [N, Cout, 2H, 2W] -> [N, G, k]``."""
+    return _op("sparse_upsample_conv2d_input_grad")(grad_out, indices, mode, list(in_shape), weight)
+
+
+def sparse_upsample_conv2d_weight_grad(grad_out: Tensor, values: Tensor, indices: Optional[Tensor], mode: str,
+                                       in_shape: Sequence[int]) -> Tensor:
+    """``d out / d weight`` of the upsample-conv summed over the surviving entries -> ``[Cout, Cin, 3, 3]``."""
+    return _op("sparse_upsample_conv2d_weight_grad")(grad_out, values, indices, mode, list(in_shape))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes and dtypes only
 # ---------------------------------------------------------------------------------------------------
@@ -124,6 +149,18 @@ def _fake_input_grad(grad_out, indices, mode, in_shape, weight, stride, padding)
 
 def _fake_weight_grad(grad_out, values, indices, mode, in_shape, weight_shape, stride, padding):
     return grad_out.new_empty(list(weight_shape))
+
+
+def _fake_upsample_conv(values, indices, mode, in_shape, weight, bias):
+    return values.new_empty((in_shape[0], weight.shape[0], 2 * in_shape[2], 2 * in_shape[3]))
+
+
+def _fake_upsample_input_grad(grad_out, indices, mode, in_shape, weight):
+    return grad_out.new_empty(indices.shape)
+
+
+def _fake_upsample_weight_grad(grad_out, values, indices, mode, in_shape):
+    return grad_out.new_empty((grad_out.shape[1], in_shape[1], 3, 3))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,6 +253,100 @@ def _backward_sparse_conv(ctx, grad_out):
     return grad_values, None, None, None, grad_weight, grad_bias, None, None, None
 
 
+def _setup_upsample_conv(ctx, inputs, output):
+    values, indices, mode, in_shape, weight, bias = inputs
+    ctx.mode, ctx.in_shape = mode, tuple(in_shape)
+    ctx.has_indices = indices is not None
+    # The compact input and the 3x3 weight (a parameter, alive anyway): no folded copy is kept for backward.
+    ctx.save_for_backward(values, indices, weight)
+
+
+def _backward_upsample_conv(ctx, grad_out):
+    values, indices, weight = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_values = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        if ctx.has_indices:
+            grad_values = sparse_upsample_conv2d_input_grad(grad_out, indices, ctx.mode, ctx.in_shape, weight)
+        else:  # dense input: the adjoint of the folded stride-2 transposed conv is a stride-2 conv
+            grad_values = F.conv2d(grad_out, fold_upsample_weight(weight), stride=2, padding=1)
+    if ctx.needs_input_grad[4]:
+        grad_weight = sparse_upsample_conv2d_weight_grad(grad_out, values, indices, ctx.mode, ctx.in_shape)
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad_out.sum((0, 2, 3))
+    return grad_values, None, None, None, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU kernels of the upsample-conv ops: the fold, then the transposed-conv ops. After a channel / global
+# top-k that picks few channels (the FC layer: 8 of 3200 per position) only the picked input channels are
+# folded. Counting them waits for the data, which costs nothing on the CPU; the GPU providers
+# (backend.py) never count.
+# ---------------------------------------------------------------------------------------------------
+# Fold only the input channels the selection touches when they are at most this fraction of all channels.
+TOUCHED_CHANNEL_FRACTION = 0.75
+
+
+def _touched_channels(indices: Optional[Tensor], mode: str, in_shape: Sequence[int]):
+    """``(channels, sub_indices, sub_shape)`` restricting a ``channel``/``global`` compact input to the input
+    channels it selects, or None where that would not pay (spatial mode, dense input, most channels touched).
+
+    ``channels [U]`` (sorted) are the touched channels; ``sub_indices`` address the same entries of an input of
+    ``sub_shape = [N, U, H, W]``.
+    """
+    if indices is None or mode == "spatial":
+        return None
+    N, C, H, W = in_shape
+    # With as many picks as twice the channels, most channels are touched anyway (1 - e^-2 = 86% for uniform
+    # picks): skip the count.
+    if indices.numel() >= 2 * C:
+        return None
+    idx = indices.long()
+    channel = idx if mode == "channel" else torch.div(idx, H * W, rounding_mode="floor")
+    channels, inverse = torch.unique(channel, sorted=True, return_inverse=True)
+    if channels.numel() > TOUCHED_CHANNEL_FRACTION * C:
+        return None
+    sub = inverse if mode == "channel" else inverse * (H * W) + idx % (H * W)
+    return channels, sub.to(indices.dtype), [N, channels.numel(), H, W]
+
+
+def _restricted(indices, mode, in_shape, weight):
+    """``(channels or None, indices, in_shape, weight3)`` of the problem restricted to the touched channels."""
+    touched = _touched_channels(indices, mode, in_shape)
+    if touched is None:
+        return None, indices, list(in_shape), weight
+    channels, sub_indices, sub_shape = touched
+    return channels, sub_indices, sub_shape, weight.index_select(1, channels)
+
+
+def _upsample_conv_cpu(values, indices, mode, in_shape, weight, bias):
+    _, idx, shape, w3 = _restricted(indices, mode, in_shape, weight)
+    return sparse_conv_transpose2d(values, idx, mode, shape, fold_upsample_weight(w3), bias, [2, 2], [1, 1], [0, 0])
+
+
+def _upsample_input_grad_cpu(grad_out, indices, mode, in_shape, weight):
+    _, idx, shape, w3 = _restricted(indices, mode, in_shape, weight)
+    return sparse_conv_transpose2d_input_grad(grad_out, idx, mode, shape, fold_upsample_weight(w3), [2, 2], [1, 1])
+
+
+def _upsample_weight_grad_cpu(grad_out, values, indices, mode, in_shape):
+    Cout, Cin = grad_out.shape[1], in_shape[1]
+    channels, idx, shape = _restricted(indices, mode, in_shape, grad_out.new_empty(0, Cin, 3, 3))[:3]
+    gw4 = sparse_conv_transpose2d_weight_grad(grad_out, values, idx, mode, shape, [shape[1], Cout, 4, 4], [2, 2],
+                                              [1, 1])
+    gw3 = unfold_upsample_weight_grad(gw4)
+    if channels is None:
+        return gw3
+    return gw3.new_zeros((Cout, Cin, 3, 3)).index_copy_(1, channels, gw3)
+
+
+_PYTHON_CPU_KERNELS = {
+    "sparse_upsample_conv2d": _upsample_conv_cpu,
+    "sparse_upsample_conv2d_input_grad": _upsample_input_grad_cpu,
+    "sparse_upsample_conv2d_weight_grad": _upsample_weight_grad_cpu,
+}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Last-resort CPU kernels from the references (only where the compiled extension provides none)
 # ---------------------------------------------------------------------------------------------------
@@ -241,6 +372,21 @@ def _ref_weight_grad(grad_out, values, indices, mode, in_shape, weight_shape, st
     return torch.nn.grad.conv2d_weight(grad_out, list(weight_shape), dense, stride=stride, padding=padding)
 
 
+def _ref_upsample_conv(values, indices, mode, in_shape, weight, bias):
+    dense = values if indices is None else reference.compact_to_dense_ref(values, indices, mode, in_shape)
+    return reference.sparse_upsample_conv2d_ref(dense, weight, bias)
+
+
+def _ref_upsample_input_grad(grad_out, indices, mode, in_shape, weight):
+    return _ref_input_grad(grad_out, indices, mode, in_shape, fold_upsample_weight(weight), [2, 2], [1, 1])
+
+
+def _ref_upsample_weight_grad(grad_out, values, indices, mode, in_shape):
+    dense = values if indices is None else reference.compact_to_dense_ref(values, indices, mode, in_shape)
+    up = F.interpolate(dense, scale_factor=2, mode="nearest")
+    return torch.nn.grad.conv2d_weight(up, [grad_out.shape[1], in_shape[1], 3, 3], grad_out, padding=1)
+
+
 _REFERENCE_KERNELS = {
     "topk_compact": reference.topk_compact_ref,
     "topk_mask": _ref_topk_mask,
@@ -249,6 +395,9 @@ _REFERENCE_KERNELS = {
     "sparse_conv_transpose2d": _ref_conv,
     "sparse_conv_transpose2d_input_grad": _ref_input_grad,
     "sparse_conv_transpose2d_weight_grad": _ref_weight_grad,
+    "sparse_upsample_conv2d": _ref_upsample_conv,
+    "sparse_upsample_conv2d_input_grad": _ref_upsample_input_grad,
+    "sparse_upsample_conv2d_weight_grad": _ref_upsample_weight_grad,
 }
 
 
@@ -265,6 +414,12 @@ def _define_schema_if_missing() -> None:
         "Tensor weight, int[] stride, int[] padding) -> Tensor",
         "sparse_conv_transpose2d_weight_grad": "(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
         "SymInt[] in_shape, SymInt[] weight_shape, int[] stride, int[] padding) -> Tensor",
+        "sparse_upsample_conv2d": "(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, "
+        "Tensor? bias) -> Tensor",
+        "sparse_upsample_conv2d_input_grad": "(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
+        "Tensor weight) -> Tensor",
+        "sparse_upsample_conv2d_weight_grad": "(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
+        "SymInt[] in_shape) -> Tensor",
     }
     global _FALLBACK_LIB
     _FALLBACK_LIB = torch.library.Library(_LIB, "FRAGMENT")
@@ -303,6 +458,9 @@ def register() -> None:
         "sparse_conv_transpose2d": _fake_sparse_conv_transpose2d,
         "sparse_conv_transpose2d_input_grad": _fake_input_grad,
         "sparse_conv_transpose2d_weight_grad": _fake_weight_grad,
+        "sparse_upsample_conv2d": _fake_upsample_conv,
+        "sparse_upsample_conv2d_input_grad": _fake_upsample_input_grad,
+        "sparse_upsample_conv2d_weight_grad": _fake_upsample_weight_grad,
     }
     for name, fake in fakes.items():
         torch.library.register_fake(f"{_LIB}::{name}", fake)
@@ -313,11 +471,15 @@ def register() -> None:
         "compact_to_dense": (_backward_compact_to_dense, _setup_compact_to_dense),
         "compact_gather": (_backward_compact_gather, _setup_compact_gather),
         "sparse_conv_transpose2d": (_backward_sparse_conv, _setup_sparse_conv),
+        "sparse_upsample_conv2d": (_backward_upsample_conv, _setup_upsample_conv),
     }
     for name, (bwd, setup) in autograd.items():
         torch.library.register_autograd(f"{_LIB}::{name}", bwd, setup_context=setup)
 
-    missing_cpu = [n for n in OP_NAMES if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{_LIB}::{n}", "CPU")]
+    for name, kernel in _PYTHON_CPU_KERNELS.items():
+        torch.library.register_kernel(f"{_LIB}::{name}", "cpu", kernel)
+    missing_cpu = [n for n in OP_NAMES if n not in PYTHON_CPU_OPS
+                   and not torch._C._dispatch_has_kernel_for_dispatch_key(f"{_LIB}::{n}", "CPU")]
     if missing_cpu:
         warnings.warn(f"sparsegen: no compiled CPU kernel for {missing_cpu}; using the pure-PyTorch references",
                       RuntimeWarning, stacklevel=2)

@@ -12,12 +12,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-MODES = ("spatial", "channel", "global")
+# The fold of nearest-x2 upsampling into a 3x3 conv is production code (:mod:`sparsegen_kernels.fold`); the
+# oracle of the upsample-conv is :func:`sparse_upsample_conv2d_ref` (``F.interpolate`` + ``F.conv2d``).
+from .fold import FOLD_MATRIX, fold_upsample_weight  # noqa: F401  (re-exported)
 
-# Nearest x2 upsampling followed by a 3x3 convolution with padding 1 equals a stride-2 transposed
-# convolution with a 4x4 kernel: output phase r in {0, 1} of a row reads input rows i-1+r.. with the
-# 3 taps collapsed as rows of this matrix (tap j of the 4x4 kernel sums the 3x3 taps y with A[j, y] = 1).
-FOLD_MATRIX = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+MODES = ("spatial", "channel", "global")
 
 
 def group_geometry(mode: str, C: int, H: int, W: int) -> tuple[int, int]:
@@ -118,25 +117,6 @@ def sparse_conv_transpose2d_ref(dense_input: torch.Tensor, weight: torch.Tensor,
     """``F.conv_transpose2d`` of the dense input: what :func:`sparse_conv_transpose2d` must equal."""
     return F.conv_transpose2d(dense_input, weight, bias, stride=stride, padding=padding,
                               output_padding=output_padding)
-
-
-def fold_upsample_weight(weight3: torch.Tensor) -> torch.Tensor:
-    """Fold nearest-x2 upsampling into a 3x3 conv weight.
-
-    ``weight3 [Cout, Cin, 3, 3]`` (``nn.Conv2d`` layout) -> ``weight4 [Cin, Cout, 4, 4]``
-    (``nn.ConvTranspose2d`` layout) such that
-    ``conv_transpose2d(x, weight4, stride=2, padding=1) == conv2d(interpolate(x, 2, "nearest"), weight3, padding=1)``.
-    Differentiable, so autograd maps ``dweight4`` back to ``dweight3``. The result is laid out
-    channels-last over ``Cout`` in memory (``[Cin, 4, 4, Cout]`` storage), which is the layout the
-    kernels read without a copy.
-    """
-    if weight3.dim() != 4 or tuple(weight3.shape[2:]) != (3, 3):
-        raise ValueError(f"fold_upsample_weight expects a [Cout, Cin, 3, 3] weight, got {tuple(weight3.shape)}")
-    Cout, Cin = weight3.shape[:2]
-    A = weight3.new_tensor(FOLD_MATRIX)
-    # W4[i, j, k, o] = sum_yx A[j, y] A[k, x] W3[o, i, y, x] as one batched matmul with kron(A, A) [16, 9].
-    w = torch.matmul(torch.kron(A, A), weight3.reshape(Cout, Cin, 9).permute(1, 2, 0))  # [Cin, 16, Cout]
-    return w.view(Cin, 4, 4, Cout).permute(0, 3, 1, 2)  # [Cin, Cout, 4, 4] view of [Cin, 4, 4, Cout] storage
 
 
 def sparse_upsample_conv2d_ref(dense_input: torch.Tensor, weight3: torch.Tensor, bias: Optional[torch.Tensor] = None,

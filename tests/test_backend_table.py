@@ -9,8 +9,7 @@ import sparsegen_kernels as sk
 from sparsegen_kernels import backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = {"topk_compact", "topk_mask", "compact_to_dense", "compact_gather", "sparse_conv_transpose2d",
-       "sparse_conv_transpose2d_input_grad", "sparse_conv_transpose2d_weight_grad"}
+OPS = set(sk.ops.OP_NAMES)
 
 
 def _load_script():
@@ -39,8 +38,11 @@ def test_committed_table_names_real_ops_and_providers():
     for op, provider in table["fastest"].items():
         assert op in OPS, op
         assert provider in ("cuda", "triton"), provider
-        measured = table["measured"][op]
-        assert measured["device"] and measured["date"], measured
+    for dtype, sub in table["by_dtype"].items():
+        for op, provider in sub["fastest"].items():
+            assert op in OPS and provider in ("cuda", "triton"), (dtype, op, provider)
+            measured = table["measured"][op][dtype]
+            assert measured["device"] and measured["date"], measured
     assert backend.measured_table() == table["fastest"]
 
 
@@ -56,8 +58,35 @@ def test_script_takes_latest_full_run_and_skips_quick(tmp_path):
     assert script.main([topk, conv, "--out", str(out)]) == 0
     table = json.loads(out.read_text())
     assert table["fastest"] == {"topk_mask": "cuda", "topk_compact": "triton", "sparse_conv_transpose2d": "triton"}
-    assert table["measured"]["topk_mask"]["date"] == "2026-02-01T00:00:00"
-    assert table["measured"]["topk_mask"]["device"] == "Some GPU"
+    assert table["measured"]["topk_mask"]["float32"]["date"] == "2026-02-01T00:00:00"
+    assert table["measured"]["topk_mask"]["float32"]["device"] == "Some GPU"
+    assert table["by_dtype"]["float32"]["fastest"] == table["fastest"]
+
+
+def test_script_keeps_a_table_per_dtype_and_defaults_to_bfloat16(tmp_path):
+    script = _load_script()
+    bf16 = _run({"topk_mask": "triton"}, date="2026-01-01T00:00:00")
+    bf16["dtype"] = "bfloat16"
+    topk = _result_file(tmp_path / "topk_cuda.json", [bf16, _run({"topk_mask": "cuda"}, date="2026-01-02T00:00:00")])
+    out = tmp_path / "table.json"
+    assert script.main([topk, "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["by_dtype"]["bfloat16"]["fastest"] == {"topk_mask": "triton"}
+    assert table["by_dtype"]["float32"]["fastest"] == {"topk_mask": "cuda"}
+    assert table["fastest"] == {"topk_mask": "triton"}
+    assert set(table["measured"]["topk_mask"]) == {"bfloat16", "float32"}
+
+
+def test_runs_map_their_rows_to_ops_themselves(tmp_path):
+    script = _load_script()
+    run = _run({"sparse_upsample_conv2d": "cuda"})
+    run["benchmark"] = "sparse_conv"
+    run["row_ops"] = {"fwd": "sparse_upsample_conv2d"}
+    run["rows"] = [{"name": "a", "mode": "spatial", "provider": p, "op": "fwd", "ms": ms}
+                   for p, ms in (("triton", 2.0), ("cuda", 1.0))]
+    out = tmp_path / "table.json"
+    assert script.main([_result_file(tmp_path / "sparse_conv_cuda.json", [run]), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["fastest_by_mode"] == {"sparse_upsample_conv2d": {"spatial": "cuda"}}
 
 
 def test_script_splits_choice_by_mode(tmp_path):
@@ -134,14 +163,33 @@ def test_forced_backend_that_is_missing_names_the_problem(monkeypatch, auto_back
         backend.provider_name("topk_mask")
 
 
-def test_dispatcher_passes_each_ops_mode_argument(monkeypatch):
+def test_auto_prefers_the_table_of_the_inputs_dtype(monkeypatch, auto_backend):
+    _use_table(monkeypatch, {"fastest": {"topk_mask": "cuda"},
+                             "by_dtype": {"bfloat16": {"fastest": {"topk_mask": "triton"},
+                                                       "fastest_by_mode": {"topk_mask": {"channel": "cuda"}}}}})
+    monkeypatch.setattr(backend, "cuda_available", lambda op: True)
+    monkeypatch.setattr(backend, "triton_available", lambda op: True)
+    import torch
+
+    assert backend.provider_name("topk_mask", "spatial", torch.bfloat16) == "triton"
+    assert backend.provider_name("topk_mask", "channel", torch.bfloat16) == "cuda"
+    assert backend.provider_name("topk_mask", "spatial", torch.float32) == "cuda"  # no float32 table: default
+
+
+def test_dispatcher_passes_each_ops_mode_and_dtype(monkeypatch):
+    import torch
+
     seen = []
-    monkeypatch.setattr(backend, "provider_name", lambda op, mode=None: seen.append((op, mode)) or "reference")
-    calls = {"topk_mask": ("x", 2, "channel", None, True),
-             "compact_gather": ("dense", "indices", "global"),
-             "sparse_conv_transpose2d_weight_grad": ("g", "v", "i", "spatial", [1], [1], [2], [1])}
+    monkeypatch.setattr(backend, "provider_name",
+                        lambda op, mode=None, dtype=None: seen.append((op, mode, dtype)) or "reference")
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    calls = {"topk_mask": (x, 2, "channel", None, True),
+             "compact_gather": (x, "indices", "global"),
+             "sparse_conv_transpose2d_weight_grad": (x, "v", "i", "spatial", [1], [1], [2], [1]),
+             "sparse_upsample_conv2d_weight_grad": (x, "v", "i", "channel", [1])}
     for op, args in calls.items():
         kernel = backend.cuda_dispatcher(op, lambda *a: "ran the reference")
         assert kernel(*args) == "ran the reference"
-    assert seen == [("topk_mask", "channel"), ("compact_gather", "global"),
-                    ("sparse_conv_transpose2d_weight_grad", "spatial")]
+    assert seen == [("topk_mask", "channel", torch.bfloat16), ("compact_gather", "global", torch.bfloat16),
+                    ("sparse_conv_transpose2d_weight_grad", "spatial", torch.bfloat16),
+                    ("sparse_upsample_conv2d_weight_grad", "channel", torch.bfloat16)]

@@ -1,4 +1,4 @@
-"""The upsample-conv folds only the input channels a channel/global top-k selected (the FC layer's case).
+"""On the CPU the upsample-conv folds only the input channels a channel/global top-k selected (the FC layer).
 
 Checked against the dense reference (top-k mask, F.interpolate + F.conv2d) in float64, forward and every
 gradient, on both sides of the touched-channel threshold, plus gradcheck and torch.compile.
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparsegen_kernels as sk
-from sparsegen_kernels import functional, reference
+from sparsegen_kernels import ops, reference
 from conftest import devices
 
 
@@ -34,17 +34,18 @@ def _grads(fn, x, b0, w3, b3, grad):
 def test_matches_dense_reference(device, mode, C, k, monkeypatch):
     x, b0, w3, b3, grad, k, mode = _inputs(device, C, k, mode)
     calls = []
-    touched = functional._touched_channels
-    monkeypatch.setattr(functional, "_touched_channels", lambda *a: calls.append(touched(*a)) or calls[-1])
+    touched = ops._touched_channels
+    monkeypatch.setattr(ops, "_touched_channels", lambda *a: calls.append(touched(*a)) or calls[-1])
     ours = _grads(lambda: sk.sparse_upsample_conv2d(sk.topk_compact(x, k, mode, b0, True), w3, b3), x, b0, w3, b3,
                   grad)
     expected = _grads(lambda: reference.sparse_upsample_conv2d_ref(reference.topk_mask_ref(x, k, mode, b0, True),
                                                                    w3, b3), x, b0, w3, b3, grad)
     for a, e in zip(ours, expected):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-12)
-    # 40 channels with few picks: the subset path ran; 6 channels, most picked: the full fold ran.
-    assert len(calls) == 1
-    assert (calls[0] is not None) == (C == 40)
+    # 40 channels with few picks: the subset path ran; 6 channels, most picked: the full fold ran. The CPU
+    # kernels of the forward, the input gradient and the weight gradient each restrict the problem alike.
+    assert len(calls) == 3
+    assert all((c is not None) == (C == 40) for c in calls)
     if calls[0] is not None:
         channels, sub_indices, sub_shape = calls[0]
         assert sub_shape[1] == channels.numel() < C
@@ -67,7 +68,7 @@ def test_untouched_channels_get_zero_weight_gradient(device):
 def test_gradcheck_through_the_subset(device):
     x, b0, w3, b3, grad, k, mode = _inputs(device, 30, 2, "channel")
     sa = sk.topk_compact(x.detach(), k, mode, b0.detach(), True)
-    assert functional._touched_channels(sa.indices, mode, sa.shape) is not None
+    assert ops._touched_channels(sa.indices, mode, sa.shape) is not None
     values = sa.values.detach().requires_grad_()
 
     def f(values, w3, b3):

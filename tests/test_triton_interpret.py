@@ -18,9 +18,10 @@ elif os.environ.get("TRITON_INTERPRET") == "1":
 else:
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
+from sparsegen_kernels import ops  # noqa: E402
 from sparsegen_kernels import reference as R  # noqa: E402
 from sparsegen_kernels.triton import PROVIDERS  # noqa: E402
-from sparsegen_kernels.triton import sparse_conv, topk  # noqa: E402
+from sparsegen_kernels.triton import sparse_conv, topk, upsample_conv  # noqa: E402
 
 MODES = ("spatial", "channel", "global")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -52,9 +53,7 @@ def k_for(mode, shape, frac=0.3):
 # Providers table
 # ---------------------------------------------------------------------------------------------------
 def test_providers_complete():
-    assert set(PROVIDERS) == {
-        "topk_compact", "topk_mask", "compact_to_dense", "compact_gather", "sparse_conv_transpose2d",
-        "sparse_conv_transpose2d_input_grad", "sparse_conv_transpose2d_weight_grad"}
+    assert set(PROVIDERS) == set(ops.OP_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,3 +319,83 @@ def test_conv_rejects_bad_input():
         PROVIDERS["sparse_conv_transpose2d"](dev(c["values"]), dev(c["indices"]), "channel", c["in_shape"],
                                              dev(c["weight"]), None, c["stride"], c["padding"],
                                              c["output_padding"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Upsample-conv on the 3x3 weight (very sparse channel-mode inputs: no fold) and through the fold
+# ---------------------------------------------------------------------------------------------------
+def upsample_case(mode, C, k, H, W, dtype, N=2, Cout=5, seed=0, zeros=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    values, indices = R.topk_compact_ref(x, k, mode, None, True)  # ReLU: some kept values are exact zeros
+    if zeros:
+        values[..., 0] = 0.0
+    w3 = torch.randn(Cout, C, 3, 3, generator=g, dtype=torch.float64) / (3 * C ** 0.5)
+    b = torch.randn(Cout, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(N, Cout, 2 * H, 2 * W, generator=g, dtype=torch.float64)
+    return values.to(dtype), indices, w3.to(dtype), b.to(dtype), grad_out.to(dtype), [N, C, H, W]
+
+
+def upsample_ref(values, indices, w3, b, grad_out, mode, in_shape):
+    """Forward, input gradient at the entries and weight gradient of F.interpolate + F.conv2d in float64."""
+    dense = R.compact_to_dense_ref(values.double(), indices, mode, in_shape).requires_grad_()
+    w = w3.double().clone().requires_grad_()
+    out = R.sparse_upsample_conv2d_ref(dense, w, b.double())
+    out.backward(grad_out.double())
+    return out.detach(), R.compact_gather_ref(dense.grad, indices, mode), w.grad
+
+
+# (mode, C, k, H, W): channel top-k at low density takes the 3x3-weight kernels, the others the fold.
+UPSAMPLE_CASES = [("channel", 40, 2, 3, 4), ("channel", 64, 3, 4, 4), ("channel", 33, 1, 1, 5),
+                  ("channel", 8, 4, 3, 3), ("spatial", 6, 5, 4, 3), ("global", 8, 7, 3, 3)]
+
+
+@pytest.mark.parametrize("case", UPSAMPLE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upsample_conv(case, dtype):
+    mode, C, k, H, W = case
+    values, indices, w3, b, grad_out, in_shape = upsample_case(mode, C, k, H, W, dtype)
+    direct = upsample_conv.uses_direct_kernels(mode, indices, in_shape)
+    assert direct == (mode == "channel" and k <= C / 16)
+    out_ref, gi_ref, gw_ref = upsample_ref(values, indices, w3, b, grad_out, mode, in_shape)
+    tol = TOL[dtype]
+    out = PROVIDERS["sparse_upsample_conv2d"](dev(values), dev(indices), mode, in_shape, dev(w3), dev(b))
+    assert out.shape == out_ref.shape and out.dtype == dtype and out.is_contiguous()
+    assert rel_err(out, out_ref) < tol
+    out = PROVIDERS["sparse_upsample_conv2d"](dev(values), dev(indices), mode, in_shape, dev(w3), None)
+    assert rel_err(out, out_ref - b.double().view(1, -1, 1, 1)) < tol
+    gi = PROVIDERS["sparse_upsample_conv2d_input_grad"](dev(grad_out), dev(indices), mode, in_shape, dev(w3))
+    assert gi.shape == indices.shape and gi.dtype == dtype
+    assert rel_err(gi, gi_ref) < tol
+    gw = PROVIDERS["sparse_upsample_conv2d_weight_grad"](dev(grad_out), dev(values), dev(indices), mode, in_shape)
+    assert gw.shape == w3.shape and gw.dtype == dtype and gw.is_contiguous()
+    assert rel_err(gw, gw_ref) < tol
+
+
+def test_upsample_conv_untouched_channels_get_zero_gradient():
+    values, indices, w3, b, grad_out, in_shape = upsample_case("channel", 64, 2, 2, 2, torch.float64, N=1)
+    gw = PROVIDERS["sparse_upsample_conv2d_weight_grad"](dev(grad_out), dev(values), dev(indices), "channel",
+                                                         in_shape).cpu()
+    picked = torch.zeros(64, dtype=torch.bool)
+    picked[indices.long().flatten()] = True
+    assert not picked.all() and torch.all(gw[:, ~picked] == 0)
+
+
+def test_upsample_conv_dense_input():
+    values, indices, w3, b, grad_out, in_shape = upsample_case("spatial", 6, 5, 4, 3, torch.float64)
+    dense = R.compact_to_dense_ref(values, indices, "spatial", in_shape)
+    out = PROVIDERS["sparse_upsample_conv2d"](dev(dense), None, "spatial", in_shape, dev(w3), dev(b))
+    assert rel_err(out, R.sparse_upsample_conv2d_ref(dense, w3, b)) < 1e-12
+    gw = PROVIDERS["sparse_upsample_conv2d_weight_grad"](dev(grad_out), dev(dense), None, "spatial", in_shape)
+    assert rel_err(gw, upsample_ref(values, indices, w3, b, grad_out, "spatial", in_shape)[2]) < 1e-12
+
+
+def test_upsample_conv_rejects_bad_input():
+    values, indices, w3, b, grad_out, in_shape = upsample_case("channel", 40, 2, 3, 4, torch.float32)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        PROVIDERS["sparse_upsample_conv2d"](dev(values), dev(indices), "channel", in_shape, dev(w3[:, :-1]), None)
+    with pytest.raises(TypeError, match="dtype"):
+        PROVIDERS["sparse_upsample_conv2d"](dev(values), dev(indices), "channel", in_shape, dev(w3.double()), None)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        PROVIDERS["sparse_upsample_conv2d_input_grad"](dev(grad_out[..., :-1]), dev(indices), "channel", in_shape,
+                                                       dev(w3))

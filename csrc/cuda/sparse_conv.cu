@@ -7,25 +7,25 @@
 // Every kernel reads the weight as Wp = W.permute(0, 2, 3, 1).contiguous() ([Cin, kh, kw, Cout], a no-op
 // for the folded upsample weight) so the inner loops run contiguous over Cout.
 //
-// Forward kernels, chosen in this order:
-//   * tensor-core implicit GEMM (float16/bfloat16, the folded 4x4 / stride 2 / padding 1 geometry, Cin and Cout
-//     multiples of 8, a dense input or a compact one of density >= 5%): the input is laid out dense NHWC
-//     (zeros included) and each of the 4 output phases is a GEMM [pixels x 4*Cin] x [4*Cin x Cout] on WMMA
-//     fragments with float32 accumulation (sm_80+). Deterministic.
-//   * gather (output-stationary; channel-mode compact input, e.g. the FC layer's channel top-8): one block
+// Moderate densities (>= kCudnnMinDensity, such as the spatial top-k's 25%) and dense inputs: the compact input
+// is decompressed into a zero-filled channels-last buffer and cuDNN runs the convolution, its input gradient
+// (a strided conv, then a gather at the surviving entries) and its weight gradient on the tensor cores. At
+// these densities nearly every (pixel tile x channel block) holds a survivor, so the dense tensor-core work
+// on the folded weight (2.25x fewer MACs than upsample + 3x3 conv) beats any CUDA-core sparse kernel.
+//
+// Very sparse compact inputs, exactly the sparse MACs on CUDA cores:
+//   * forward, gather (output-stationary; channel-mode input, e.g. the FC layer's channel top-8): one block
 //     per output pixel sums its window's surviving (channel, value) pairs. No atomics, deterministic.
-//   * scatter (input-stationary; any geometry, spatial/global compact input or a dense input): each
-//     surviving entry adds v * Wp[c, ky, kx, :] to its output window with float atomics into an
-//     [N, Ho, Wo, Cout] accumulator (float32; float64 for double). The atomics make the summation order,
-//     and so the last bits of the result, vary from run to run (not bitwise deterministic).
+//   * forward, scatter (input-stationary; spatial / global mode): each surviving entry adds
+//     v * Wp[c, ky, kx, :] to its output window with float atomics into an [N, Ho, Wo, Cout] accumulator
+//     (float32; float64 for double). The atomics make the summation order, and so the last bits of the
+//     result, vary from run to run (not bitwise deterministic).
 //   The gather and scatter accumulators are then transposed to NCHW with the bias added and cast.
-// Backward:
 //   * input gradient: one warp per surviving entry, a dot product of the output-gradient window with the
 //     weight over (taps, Cout). Deterministic, nothing computed for pruned entries.
 //   * weight gradient: one block per (input channel, Cout tile, sample chunk) walks the input channel's
 //     non-zeros (ballot over 32 positions at a time) and accumulates v * grad_out window per tap in
 //     registers; the sample chunks are summed in a fixed order. Deterministic, no atomics.
-#include <mma.h>
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -151,34 +151,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Dense input: one warp per input row (n, c, iy); the row's non-zeros are found 32 at a time by ballot.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(256)
-    scatter_dense_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ wp, acc_t* __restrict__ acc,
-                         ConvArgs a) {
-  using T = Traits<scalar_t>;
-  const int lane = static_cast<int>(lane_id());
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  const int64_t rows = a.N * a.Cin * a.H;
-  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows; r += warps) {
-    const int64_t iy = r % a.H;
-    const int64_t nc = r / a.H;
-    const int64_t c = nc % a.Cin;
-    const int64_t n = nc / a.Cin;
-    const scalar_t* row = input + r * a.W;
-    for (int64_t x0 = 0; x0 < a.W; x0 += 32) {
-      const acc_t v = x0 + lane < a.W ? T::to_acc(row[x0 + lane]) : acc_t(0);
-      unsigned nz = __ballot_sync(kFullMask, v != acc_t(0));
-      while (nz) {
-        const int b = __ffs(nz) - 1;
-        nz &= nz - 1;
-        const acc_t vb = __shfl_sync(kFullMask, v, b);
-        scatter_entry<scalar_t, acc_t>(a, wp, acc, n, c, iy, x0 + b, vb, lane);
-      }
-    }
-  }
-}
-
 // Channel-mode compact input (k channels per input position): output-stationary gather. One block per output
 // pixel (n, oy, ox); each thread owns output channels o = tid, tid + blockDim, ... and sums v * Wp[c, ky, kx, o]
 // over the input positions whose window covers the pixel and their k surviving channels. No atomics, a fixed
@@ -256,184 +228,6 @@ __global__ void finalize_kernel(const acc_t* __restrict__ acc, const scalar_t* _
   }
 }
 
-// ---- forward: tensor-core implicit GEMM (folded 4x4, stride 2, padding 1; fp16/bf16) --------------------------
-// Output pixel (oy, ox) of phase (ry, rx) = ((oy + 1) % 2, (ox + 1) % 2) reads input rows iy = (oy + 1 - ky) / 2
-// for ky in {ry, ry + 2} (and likewise columns): 4 taps x Cin per output pixel, a K = 4 * Cin reduction.
-// Per phase this is a GEMM [N * QH * QW pixels, 4 * Cin] x [4 * Cin, Cout]; a block computes kTileM pixels
-// (across samples) x kTileN output channels with 8 warps of 32 x 32 WMMA tiles (float32 accumulators),
-// the operand tiles double-buffered in shared memory by cp.async. The input arrives as a dense NHWC tensor
-// (decompressed from the compact form), the weight as Wp [Cin, 4, 4, Cout]. Needs Cin % 8 == 0, Cout % 8 == 0.
-namespace wm = nvcuda::wmma;
-constexpr int kTileM = 128;        // output pixels per block
-constexpr int kTileN = 64;         // output channels per block
-constexpr int kTileK = 32;         // input channels per step
-constexpr int kGemmThreads = 256;  // 8 warps: 4 (pixels) x 2 (channels) of 32 x 32
-constexpr int kLdA = kTileK + 8;   // padded rows (16 bytes) against bank conflicts
-constexpr int kLdB = kTileN + 8;
-constexpr int kLdC = kTileN + 4;
-
-template <typename scalar_t>
-struct WmmaType;
-template <>
-struct WmmaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct WmmaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kGemmThreads)
-    folded_gemm_kernel(const scalar_t* __restrict__ in_nhwc, const scalar_t* __restrict__ wp,
-                       const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, ConvArgs a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using T = Traits<scalar_t>;
-  using mma_t = typename WmmaType<scalar_t>::type;
-  constexpr int kABytes = 2 * kTileM * kLdA * 2;
-  constexpr int kBBytes = 2 * kTileK * kLdB * 2;
-  constexpr int kCBytes = kTileM * kLdC * 4;
-  constexpr int kSmem = (kABytes + kBBytes) > kCBytes ? (kABytes + kBBytes) : kCBytes;
-  __shared__ __align__(128) unsigned char smem[kSmem];
-  auto As = reinterpret_cast<mma_t(*)[kTileM][kLdA]>(smem);            // [2][kTileM][kLdA]
-  auto Bs = reinterpret_cast<mma_t(*)[kTileK][kLdB]>(smem + kABytes);  // [2][kTileK][kLdB]
-  auto Cs = reinterpret_cast<float(*)[kLdC]>(smem);                    // [kTileM][kLdC], after the main loop
-
-  const int phase = blockIdx.z;
-  const int ry = phase / 2, rx = phase % 2;
-  const int64_t oy_first = 1 - ry;  // smallest oy with (oy + 1) % 2 == ry
-  const int64_t ox_first = 1 - rx;
-  const int64_t QH = a.Ho > oy_first ? (a.Ho - oy_first + 1) / 2 : 0;
-  const int64_t QW = a.Wo > ox_first ? (a.Wo - ox_first + 1) / 2 : 0;
-  const int64_t Q = QH * QW;
-  const int64_t M = a.N * Q;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
-  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kTileN;
-  if (m0 >= M) return;  // block-uniform
-
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int wm0 = (warp / 2) * 32, wn0 = (warp % 2) * 32;
-
-  // A rows this thread loads: r = tid / 4 + 64 * h (h = 0, 1), channels cc .. cc + 7 of the step.
-  constexpr int kAChunks = kTileK / 8;  // 16-byte chunks per A row
-  const int a_cc = (tid % kAChunks) * 8;
-  int64_t a_n[2], a_oy[2], a_ox[2];
-  bool a_row_ok[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t m = m0 + tid / kAChunks + h * (kGemmThreads / kAChunks);
-    a_row_ok[h] = m < M;
-    const int64_t mm = a_row_ok[h] ? m : 0;
-    a_n[h] = Q > 0 ? mm / Q : 0;
-    const int64_t q = Q > 0 ? mm - a_n[h] * Q : 0;
-    a_oy[h] = oy_first + 2 * (QW > 0 ? q / QW : 0);
-    a_ox[h] = ox_first + 2 * (QW > 0 ? q % QW : 0);
-  }
-  // B: row tid / 8 of the step, columns (tid % 8) * 8 .. + 7.
-  const int b_r = tid / (kTileN / 8);
-  const int b_cc = (tid % (kTileN / 8)) * 8;
-
-  const mma_t* in_ptr = reinterpret_cast<const mma_t*>(in_nhwc);
-  const mma_t* w_ptr = reinterpret_cast<const mma_t*>(wp);
-  const int64_t csteps = (a.Cin + kTileK - 1) / kTileK;
-  const int64_t steps = 4 * csteps;
-
-  auto load_step = [&](int64_t s, int buf) {
-    const int t = static_cast<int>(s / csteps);
-    const int64_t c0 = (s - static_cast<int64_t>(t) * csteps) * kTileK;
-    const int ky = ry + 2 * (t / 2);
-    const int kx = rx + 2 * (t % 2);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = tid / kAChunks + h * (kGemmThreads / kAChunks);
-      const int64_t ty = a_oy[h] + a.ph - ky, tx = a_ox[h] + a.pw - kx;  // = 2 * iy, 2 * ix
-      const int64_t iy = ty / 2, ix = tx / 2;
-      const bool ok = a_row_ok[h] && ty >= 0 && tx >= 0 && iy < a.H && ix < a.W && c0 + a_cc < a.Cin;
-      const mma_t* src = ok ? in_ptr + ((a_n[h] * a.H + iy) * a.W + ix) * a.Cin + c0 + a_cc : in_ptr;
-      cp_async16(&As[buf][r][a_cc], src, ok);
-    }
-    const int64_t c = c0 + b_r, o = o0 + b_cc;
-    const bool okb = c < a.Cin && o < a.Cout;
-    const mma_t* srcb = okb ? w_ptr + ((c * 4 + ky) * 4 + kx) * a.Cout + o : w_ptr;
-    cp_async16(&Bs[buf][b_r][b_cc], srcb, okb);
-  };
-
-  wm::fragment<wm::accumulator, 16, 16, 16, float> cfrag[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wm::fill_fragment(cfrag[i][j], 0.0f);
-
-  load_step(0, 0);
-  cp_async_commit();
-  for (int64_t s = 0; s < steps; ++s) {
-    const int buf = static_cast<int>(s & 1);
-    if (s + 1 < steps) {
-      load_step(s + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; kk += 16) {
-      wm::fragment<wm::matrix_a, 16, 16, 16, mma_t, wm::row_major> af[2];
-      wm::fragment<wm::matrix_b, 16, 16, 16, mma_t, wm::row_major> bf[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wm::load_matrix_sync(af[i], &As[buf][wm0 + 16 * i][kk], kLdA);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wm::load_matrix_sync(bf[j], &Bs[buf][kk][wn0 + 16 * j], kLdB);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wm::mma_sync(cfrag[i][j], af[i], bf[j], cfrag[i][j]);
-    }
-    __syncthreads();  // the buffer is refilled by the next step's loads
-  }
-
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wm::store_matrix_sync(&Cs[wm0 + 16 * i][wn0 + 16 * j], cfrag[i][j], kLdC, wm::mem_row_major);
-  __syncthreads();
-  // NCHW store: consecutive threads take consecutive pixels of one output channel.
-  for (int l = tid; l < kTileM * kTileN; l += kGemmThreads) {
-    const int r = l % kTileM;
-    const int col = l / kTileM;
-    const int64_t m = m0 + r, o = o0 + col;
-    if (m >= M || o >= a.Cout) continue;
-    const int64_t n = m / Q, q = m - (m / Q) * Q;
-    const int64_t oy = oy_first + 2 * (q / QW);
-    const int64_t ox = ox_first + 2 * (q % QW);
-    float v = Cs[r][col];
-    if (bias != nullptr) v += T::to_acc(bias[o]);
-    out[((n * a.Cout + o) * a.Ho + oy) * a.Wo + ox] = T::from_acc(v);
-  }
-#endif
-}
-
 // Dense NHWC copy of a compact activation (zeros elsewhere), for the GEMM path.
 template <typename scalar_t, typename index_t>
 __global__ void compact_to_nhwc_kernel(const scalar_t* __restrict__ values, const index_t* __restrict__ indices,
@@ -459,21 +253,34 @@ int64_t scatter_blocks(int64_t warps_needed) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(warps_needed, 8), static_cast<int64_t>(num_sms()) * 16));
 }
 
-// The GEMM path reads its operands with 16-byte copies: a view with an odd storage offset is copied.
-at::Tensor aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
+// Density of a compact input from which the dense convolution of cuDNN (on the decompressed input, with
+// the tensor cores) beats the sparse kernels, which do exactly the sparse MACs on CUDA cores.
+constexpr double kCudnnMinDensity = 0.05;
+
+bool cudnn_path_applies(const ConvArgs& a, bool compact) {
+  if (!compact) return true;
+  const double dense = static_cast<double>(std::max<int64_t>(1, a.N * a.Cin * a.H * a.W));
+  return static_cast<double>(a.entries) / dense >= kCudnnMinDensity;
 }
 
-bool gemm_path_applies(const ConvArgs& a, at::ScalarType st, bool compact) {
-  if (st != at::kHalf && st != at::kBFloat16) return false;
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;  // WMMA bf16 and cp.async: sm_80+
-  if (a.kh != 4 || a.kw != 4 || a.sh != 2 || a.sw != 2 || a.ph != 1 || a.pw != 1) return false;
-  if (a.Cin % 8 != 0 || a.Cout % 8 != 0) return false;  // 16-byte operand loads
-  if (ceil_div(a.N * ((a.Ho + 1) / 2) * ((a.Wo + 1) / 2), kTileM) > std::numeric_limits<int32_t>::max()) return false;
-  if (!compact) return true;
-  // Density of the compact input: the GEMM does the dense work, worth it from a few percent on.
-  const double density = static_cast<double>(a.entries) / static_cast<double>(std::max<int64_t>(1, a.N * a.Cin * a.H * a.W));
-  return density >= 0.05;
+// Dense input of the cuDNN path: the compact activation decompressed into zeros, channels-last (NHWC storage
+// seen as an [N, Cin, H, W] tensor), which the tensor-core convolutions read without a transpose.
+at::Tensor decompress_nhwc(const at::Tensor& values, const at::Tensor& indices, const ConvArgs& a) {
+  at::Tensor nhwc = at::zeros({a.N, a.H, a.W, a.Cin}, values.options());
+  if (a.entries > 0) {
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(a.entries, 256), num_sms() * 32));
+    dispatch_index(indices.scalar_type(), [&](auto tag) {
+      using index_t = decltype(tag);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparsegen_to_nhwc", [&] {
+        compact_to_nhwc_kernel<scalar_t, index_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+            values.const_data_ptr<scalar_t>(), indices.const_data_ptr<index_t>(), nhwc.mutable_data_ptr<scalar_t>(),
+            a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  return nhwc.permute({0, 3, 1, 2});
 }
 
 at::Tensor sparse_conv_transpose2d_cuda(const at::Tensor& values_in, const c10::optional<at::Tensor>& indices_in,
@@ -517,41 +324,17 @@ at::Tensor sparse_conv_transpose2d_cuda(const at::Tensor& values_in, const c10::
   c10::cuda::CUDAGuard guard(values_in.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor values = values_in.contiguous();
-  const at::Tensor wp = weight.permute({0, 2, 3, 1}).contiguous();  // [Cin, kh, kw, Cout]
   const at::Tensor indices = compact ? indices_in->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({a.N, a.Cout, a.Ho, a.Wo}, values.options());
-  if (out.numel() == 0) return out;
+  if (a.N * a.Cout * a.Ho * a.Wo == 0) return at::empty({a.N, a.Cout, a.Ho, a.Wo}, values.options());
 
-  if (gemm_path_applies(a, values.scalar_type(), compact)) {
-    at::Tensor nhwc;
-    if (compact) {
-      nhwc = at::zeros({a.N, a.H, a.W, a.Cin}, values.options());
-      dispatch_index(indices.scalar_type(), [&](auto tag) {
-        using index_t = decltype(tag);
-        AT_DISPATCH_REDUCED_FLOATING_TYPES(values.scalar_type(), "sparsegen_to_nhwc", [&] {
-          const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(a.entries, 256), num_sms() * 32));
-          compact_to_nhwc_kernel<scalar_t, index_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-              values.const_data_ptr<scalar_t>(), indices.const_data_ptr<index_t>(), nhwc.mutable_data_ptr<scalar_t>(),
-              a);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
-    } else {
-      nhwc = values.permute({0, 2, 3, 1}).contiguous();
-    }
-    const int64_t QH = (a.Ho + 1) / 2, QW = (a.Wo + 1) / 2;  // the largest phase
-    const dim3 grid(static_cast<unsigned>(ceil_div(a.N * QH * QW, kTileM)),
-                    static_cast<unsigned>(ceil_div(a.Cout, kTileN)), 4);
-    const at::Tensor wp16 = aligned16(wp);
-    nhwc = aligned16(nhwc);
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(values.scalar_type(), "sparsegen_folded_gemm", [&] {
-      folded_gemm_kernel<scalar_t><<<grid, kGemmThreads, 0, stream>>>(
-          nhwc.const_data_ptr<scalar_t>(), wp16.const_data_ptr<scalar_t>(),
-          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return out;
+  if (cudnn_path_applies(a, compact)) {
+    const at::Tensor x = compact ? decompress_nhwc(values, indices, a) : values_in;
+    return at::conv_transpose2d(x, weight, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt,
+                                {a.sh, a.sw}, {a.ph, a.pw}, {oph, opw}, 1, {1, 1})
+        .contiguous();
   }
+  const at::Tensor wp = weight.permute({0, 2, 3, 1}).contiguous();  // [Cin, kh, kw, Cout]
+  at::Tensor out = at::empty({a.N, a.Cout, a.Ho, a.Wo}, values.options());
 
   const bool is_double = values.scalar_type() == at::kDouble;
   const bool gather = compact && a.mode == static_cast<int>(Mode::Channel);
@@ -572,7 +355,7 @@ at::Tensor sparse_conv_transpose2d_cuda(const at::Tensor& values_in, const c10::
                 acc.mutable_data_ptr<acc_t>(), a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-    } else if (compact) {
+    } else {
       dispatch_index(indices.scalar_type(), [&](auto tag) {
         using index_t = decltype(tag);
         if (a.entries == 0) return;
@@ -582,13 +365,6 @@ at::Tensor sparse_conv_transpose2d_cuda(const at::Tensor& values_in, const c10::
                 acc.mutable_data_ptr<acc_t>(), a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-    } else {
-      const int64_t rows = a.N * a.Cin * a.H;
-      if (rows > 0 && a.W > 0) {
-        scatter_dense_kernel<scalar_t, acc_t><<<static_cast<unsigned>(scatter_blocks(rows)), 256, 0, stream>>>(
-            values.const_data_ptr<scalar_t>(), wp.const_data_ptr<scalar_t>(), acc.mutable_data_ptr<acc_t>(), a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
     }
     const int64_t P = a.Ho * a.Wo;
     const dim3 grid(static_cast<unsigned>(ceil_div(P, 32)), static_cast<unsigned>(ceil_div(a.Cout, 32)),
@@ -662,9 +438,18 @@ at::Tensor sparse_conv_transpose2d_input_grad_cuda(const at::Tensor& grad_out_in
   at::Tensor grad_values = at::empty(indices_in.sizes(), grad_out_in.options());
   if (a.entries == 0) return grad_values;
   if (a.Cout == 0) return grad_values.zero_();
+  const at::Tensor indices = indices_in.contiguous();
+  if (cudnn_path_applies(a, /*compact=*/true)) {
+    // The adjoint of the transposed conv is a strided conv: evaluated densely by cuDNN (tensor cores), then
+    // gathered at the surviving entries.
+    at::Tensor full = at::conv2d(grad_out_in, weight, c10::nullopt, {a.sh, a.sw}, {a.ph, a.pw});
+    full = full.narrow(2, 0, a.H).narrow(3, 0, a.W).contiguous();
+    LayoutArgs la{a.mode, a.entries, a.G, a.k, gr.size, a.Cin * a.H * a.W, a.H * a.W};
+    launch_layout(full, grad_values, indices, la, /*scatter=*/false);
+    return grad_values;
+  }
   const at::Tensor gout = grad_out_in.permute({0, 2, 3, 1}).contiguous();  // [N, Ho, Wo, Cout]
   const at::Tensor wp = weight.permute({0, 2, 3, 1}).contiguous();
-  const at::Tensor indices = indices_in.contiguous();
   dispatch_index(indices.scalar_type(), [&](auto tag) {
     using index_t = decltype(tag);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gout.scalar_type(), "sparsegen_input_grad", [&] {
@@ -757,21 +542,34 @@ at::Tensor sparse_conv_transpose2d_weight_grad_cuda(const at::Tensor& grad_out_i
   c10::cuda::CUDAGuard guard(grad_out_in.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool compact = indices_in.has_value() && indices_in->defined();
-  at::Tensor dense;
   if (compact) {
     check_same_device(grad_out_in, *indices_in, op, "indices");
     set_compact(a, values_in, *indices_in, std::string(mode_sv), op);
-    dense = scatter_to_dense(values_in, *indices_in, static_cast<Mode>(a.mode), a.N, a.Cin, a.H, a.W);
   } else {
     TORCH_CHECK_VALUE(values_in.dim() == 4 && values_in.sizes() == in_shape, "sparsegen::", op,
                       ": a dense input must have shape in_shape = ", in_shape, ", got ", values_in.sizes());
-    dense = values_in.contiguous();
   }
-  const bool is_double = grad_out_in.scalar_type() == at::kDouble;
-  const auto acc_dtype = is_double ? at::kDouble : at::kFloat;
   if (a.N == 0 || a.Cin == 0 || a.Cout == 0 || a.H * a.W == 0) {
     return at::zeros(wshape, grad_out_in.options());
   }
+  if (cudnn_path_applies(a, compact)) {
+    const int64_t oph = a.Ho - ((a.H - 1) * a.sh - 2 * a.ph + a.kh);
+    const int64_t opw = a.Wo - ((a.W - 1) * a.sw - 2 * a.pw + a.kw);
+    TORCH_CHECK_VALUE(oph >= 0 && opw >= 0 && (oph < a.sh || oph == 0) && (opw < a.sw || opw == 0), "sparsegen::",
+                      op, ": grad_out size ", a.Ho, "x", a.Wo, " does not match a transposed conv of a ", a.H, "x",
+                      a.W, " input");
+    const at::Tensor x = compact ? decompress_nhwc(values_in.contiguous(), indices_in->contiguous(), a) : values_in;
+    // Only the weight's shape and layout matter for its gradient (output_mask selects the weight alone).
+    const at::Tensor w_like = at::empty(wshape, grad_out_in.options(), at::MemoryFormat::ChannelsLast);
+    auto grads = at::convolution_backward(grad_out_in, x, w_like, c10::nullopt, {a.sh, a.sw}, {a.ph, a.pw}, {1, 1},
+                                          /*transposed=*/true, {oph, opw}, 1, {false, true, false});
+    return std::get<1>(grads).contiguous();
+  }
+  const at::Tensor dense = compact ? scatter_to_dense(values_in, *indices_in, static_cast<Mode>(a.mode), a.N, a.Cin,
+                                                      a.H, a.W)
+                                   : values_in.contiguous();
+  const bool is_double = grad_out_in.scalar_type() == at::kDouble;
+  const auto acc_dtype = is_double ? at::kDouble : at::kFloat;
   const at::Tensor gout = grad_out_in.permute({0, 2, 3, 1}).contiguous();
   const int threads = a.Cout <= 32 ? 32 : (a.Cout <= 64 ? 64 : 128);
   const int64_t base_blocks = a.Cin * ceil_div(a.Cout, threads);

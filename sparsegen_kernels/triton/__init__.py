@@ -12,6 +12,9 @@ Triton is not available, and importing this package never fails for lack of Trit
 * ``sparse_conv_transpose2d_input_grad(grad_out, indices, mode, in_shape, weight, stride, padding) -> [N, G, k]``
 * ``sparse_conv_transpose2d_weight_grad(grad_out, values, indices, mode, in_shape, weight_shape, stride,
   padding) -> [Cin, Cout, kh, kw]``
+* ``sparse_upsample_conv2d(values, indices, mode, in_shape, weight, bias) -> [N, Cout, 2H, 2W]``
+* ``sparse_upsample_conv2d_input_grad(grad_out, indices, mode, in_shape, weight) -> [N, G, k]``
+* ``sparse_upsample_conv2d_weight_grad(grad_out, values, indices, mode, in_shape) -> [Cout, Cin, 3, 3]``
 
 The kernels are defined whenever the ``triton`` package imports (also on a machine without a GPU, where
 they run on CPU tensors under ``TRITON_INTERPRET=1``); whether a GPU can run them is for the caller to
@@ -33,6 +36,11 @@ if has_triton_package():
         sparse_conv_transpose2d_weight_grad,
     )
     from .topk import topk_compact, topk_mask
+    from .upsample_conv import (
+        sparse_upsample_conv2d,
+        sparse_upsample_conv2d_input_grad,
+        sparse_upsample_conv2d_weight_grad,
+    )
 
     PROVIDERS.update(
         topk_compact=topk_compact,
@@ -42,5 +50,8 @@ if has_triton_package():
         sparse_conv_transpose2d=sparse_conv_transpose2d,
         sparse_conv_transpose2d_input_grad=sparse_conv_transpose2d_input_grad,
         sparse_conv_transpose2d_weight_grad=sparse_conv_transpose2d_weight_grad,
+        sparse_upsample_conv2d=sparse_upsample_conv2d,
+        sparse_upsample_conv2d_input_grad=sparse_upsample_conv2d_input_grad,
+        sparse_upsample_conv2d_weight_grad=sparse_upsample_conv2d_weight_grad,
     )
     __all__ += list(PROVIDERS)

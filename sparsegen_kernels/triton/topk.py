@@ -67,7 +67,7 @@ def _preactivation(x_ptr, bias_ptr, off, c, m, HAS_BIAS: tl.constexpr, RELU: tl.
             rounded = tl.where(v != v, bits, rounded)
             v = rounded.to(tl.float32, bitcast=True)
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0.0, 0.0, v)  # keeps NaN, as torch.relu does
     return v
 
 
@@ -92,10 +92,15 @@ def _order_key(v, KEY64: tl.constexpr):
 def _topk_tile_fwd_kernel(x_ptr, bias_ptr, val_ptr, idx_ptr, out_ptr,
                           G, S, HW, CHW, k,
                           MODE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-                          ROUND: tl.constexpr, KEY64: tl.constexpr,
+                          ROUND: tl.constexpr, KEY64: tl.constexpr, KEY_SHIFT: tl.constexpr,
                           WRITE_VALUES: tl.constexpr, WRITE_MASK: tl.constexpr,
                           BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr):
-    """One program selects the top-k of BLOCK_G whole groups of sample ``program_id(0)``."""
+    """One program selects the top-k of BLOCK_G whole groups of sample ``program_id(0)``.
+
+    KEY_SHIFT: low key bits that are the same for every value of the input dtype (16 for bfloat16, 13 for
+    float16, whose values are float32 numbers with that many trailing zero mantissa bits), dropped so the
+    threshold search takes 16 (19) steps instead of 32.
+    """
     n = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     e = tl.arange(0, BLOCK_E)
@@ -121,9 +126,10 @@ def _topk_tile_fwd_kernel(x_ptr, bias_ptr, val_ptr, idx_ptr, out_ptr,
         one = tl.full([], 1, tl.uint64)
         NBITS: tl.constexpr = 64
     else:
+        key = key >> KEY_SHIFT
         thr = tl.zeros([BLOCK_G], dtype=tl.uint32)
         one = tl.full([], 1, tl.uint32)
-        NBITS: tl.constexpr = 32
+        NBITS: tl.constexpr = 32 - KEY_SHIFT
     for i in range(NBITS):
         cand = thr | (one << (NBITS - 1 - i))
         cnt = tl.sum(((key >= cand[:, None]) & m).to(tl.int32), axis=1)
@@ -313,7 +319,8 @@ def _topk(x, k, mode, bias, relu, write_values, write_mask):
         BLOCK_E = next_pow2(S)
         BLOCK_G = max(1, min(next_pow2(G), TILE_ELEMS // BLOCK_E))
         grid = (N, triton.cdiv(G, BLOCK_G))
-        _topk_tile_fwd_kernel[grid](x, bias_arg, values, indices, out, G, S, HW, CHW, k,
+        key_shift = {torch.bfloat16: 16, torch.float16: 13}.get(x.dtype, 0)
+        _topk_tile_fwd_kernel[grid](x, bias_arg, values, indices, out, G, S, HW, CHW, k, KEY_SHIFT=key_shift,
                                     WRITE_VALUES=write_values, WRITE_MASK=write_mask,
                                     BLOCK_G=BLOCK_G, BLOCK_E=BLOCK_E, num_warps=TILE_WARPS, **flags)
         return values, indices, out

@@ -1,0 +1,42 @@
+"""Folding nearest-x2 upsampling into a 3x3 convolution, and the adjoint of that fold.
+
+``conv2d(interpolate(x, 2, "nearest"), W3, padding=1) == conv_transpose2d(x, fold(W3), stride=2, padding=1)``:
+output phase ``r`` of a row reads input rows ``i - 1 + r``..; the three taps of the 3x3 kernel collapse onto
+the 4 taps of the folded kernel as the rows of :data:`FOLD_MATRIX` (tap ``j`` of the 4x4 kernel sums the 3x3
+taps ``y`` with ``A[j, y] = 1``). Within one output phase the 4 folded taps partition the 9 original ones,
+which is why the fold saves 2.25x of the MACs.
+"""
+from __future__ import annotations
+
+import torch
+
+FOLD_MATRIX = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
+def fold_upsample_weight(weight3: torch.Tensor) -> torch.Tensor:
+    """Fold nearest-x2 upsampling into a 3x3 conv weight.
+
+    ``weight3 [Cout, Cin, 3, 3]`` (``nn.Conv2d`` layout) -> ``weight4 [Cin, Cout, 4, 4]``
+    (``nn.ConvTranspose2d`` layout) such that
+    ``conv_transpose2d(x, weight4, stride=2, padding=1) == conv2d(interpolate(x, 2, "nearest"), weight3, padding=1)``.
+    Differentiable, so autograd maps ``dweight4`` back to ``dweight3``. The result is laid out
+    channels-last over ``Cout`` in memory (``[Cin, 4, 4, Cout]`` storage), which is the layout the
+    kernels read without a copy.
+    """
+    if weight3.dim() != 4 or tuple(weight3.shape[2:]) != (3, 3):
+        raise ValueError(f"fold_upsample_weight expects a [Cout, Cin, 3, 3] weight, got {tuple(weight3.shape)}")
+    Cout, Cin = weight3.shape[:2]
+    A = weight3.new_tensor(FOLD_MATRIX)
+    # W4[i, j, k, o] = sum_yx A[j, y] A[k, x] W3[o, i, y, x] as one batched matmul with kron(A, A) [16, 9].
+    w = torch.matmul(torch.kron(A, A), weight3.reshape(Cout, Cin, 9).permute(1, 2, 0))  # [Cin, 16, Cout]
+    return w.view(Cin, 4, 4, Cout).permute(0, 3, 1, 2)  # [Cin, Cout, 4, 4] view of [Cin, 4, 4, Cout] storage
+
+
+def unfold_upsample_weight_grad(grad_weight4: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`fold_upsample_weight`: ``dweight4 [Cin, Cout, 4, 4] -> dweight3 [Cout, Cin, 3, 3]``
+    (contiguous)."""
+    # dW3[o, i, y, x] = sum_jk A[j, y] A[k, x] dW4[i, o, j, k]: one [Cin*Cout, 16] x kron(A, A) [16, 9] product.
+    Cin, Cout = grad_weight4.shape[:2]
+    A = grad_weight4.new_tensor(FOLD_MATRIX)
+    g = grad_weight4.reshape(Cin * Cout, 16)
+    return torch.matmul(g, torch.kron(A, A)).view(Cin, Cout, 3, 3).transpose(0, 1).contiguous()
