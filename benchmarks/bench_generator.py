@@ -924,7 +924,11 @@ def main(argv=None) -> dict:
         names = {p for p in args.providers if any(applies(p, w, gpu, args.compile_everywhere) for w in sampling)}
         if args.profile:
             names |= set(PROFILED)
-        gens = make_generators(sorted(names, key=PROVIDERS.index), args.config, device, dtype)
+        try:
+            gens = make_generators(sorted(names, key=PROVIDERS.index), args.config, device, dtype)
+        except Exception as exc:  # noqa: BLE001  (every forward / langevin row then says why; train_iter still runs)
+            result["generators_error"] = error_text(exc)
+            traceback.print_exc()
 
     try:
         for bi, batch in enumerate(sorted(set(batches) | set(train_batches))):
@@ -955,6 +959,8 @@ def main(argv=None) -> dict:
                         setups[row["provider"]] = (lambda p=row["provider"]: train_setup(p))
                 else:
                     def sampling_setup(p, wl=wl, batch=batch):
+                        if p not in gens:
+                            raise RuntimeError(f"no model: {result.get('generators_error', 'not built')}")
                         gen = gens[p]
                         z, images = static_inputs(gen, batch, device, dtype)
                         call = sampling_call(wl, gen, z, images)
