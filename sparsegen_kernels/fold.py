@@ -13,6 +13,18 @@ import torch
 FOLD_MATRIX = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 
 
+def _kron_fold_matrix(like: torch.Tensor) -> torch.Tensor:
+    """``kron(A, A)`` ``[16, 9]`` of :data:`FOLD_MATRIX` on ``like``'s device and dtype.
+
+    ``A[j, y] = 1`` exactly where ``j + y`` is 2 or 3, so the matrix is built on the device from index
+    arithmetic: no host-to-device copy, hence no host synchronisation (CUDA graphs can capture it).
+    """
+    r = torch.arange(16, device=like.device).view(16, 1)
+    c = torch.arange(9, device=like.device).view(1, 9)
+    rows, cols = r // 4 + c // 3, r % 4 + c % 3
+    return (((rows == 2) | (rows == 3)) & ((cols == 2) | (cols == 3))).to(like.dtype)
+
+
 def fold_upsample_weight(weight3: torch.Tensor) -> torch.Tensor:
     """Fold nearest-x2 upsampling into a 3x3 conv weight.
 
@@ -26,9 +38,8 @@ def fold_upsample_weight(weight3: torch.Tensor) -> torch.Tensor:
     if weight3.dim() != 4 or tuple(weight3.shape[2:]) != (3, 3):
         raise ValueError(f"fold_upsample_weight expects a [Cout, Cin, 3, 3] weight, got {tuple(weight3.shape)}")
     Cout, Cin = weight3.shape[:2]
-    A = weight3.new_tensor(FOLD_MATRIX)
     # W4[i, j, k, o] = sum_yx A[j, y] A[k, x] W3[o, i, y, x] as one batched matmul with kron(A, A) [16, 9].
-    w = torch.matmul(torch.kron(A, A), weight3.reshape(Cout, Cin, 9).permute(1, 2, 0))  # [Cin, 16, Cout]
+    w = torch.matmul(_kron_fold_matrix(weight3), weight3.reshape(Cout, Cin, 9).permute(1, 2, 0))  # [Cin, 16, Cout]
     return w.view(Cin, 4, 4, Cout).permute(0, 3, 1, 2)  # [Cin, Cout, 4, 4] view of [Cin, 4, 4, Cout] storage
 
 
@@ -37,6 +48,5 @@ def unfold_upsample_weight_grad(grad_weight4: torch.Tensor) -> torch.Tensor:
     (contiguous)."""
     # dW3[o, i, y, x] = sum_jk A[j, y] A[k, x] dW4[i, o, j, k]: one [Cin*Cout, 16] x kron(A, A) [16, 9] product.
     Cin, Cout = grad_weight4.shape[:2]
-    A = grad_weight4.new_tensor(FOLD_MATRIX)
     g = grad_weight4.reshape(Cin * Cout, 16)
-    return torch.matmul(g, torch.kron(A, A)).view(Cin, Cout, 3, 3).transpose(0, 1).contiguous()
+    return torch.matmul(g, _kron_fold_matrix(grad_weight4)).view(Cin, Cout, 3, 3).transpose(0, 1).contiguous()
