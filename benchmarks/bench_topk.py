@@ -1,7 +1,9 @@
 """Fused bias + ReLU + top-k selection vs what a dense PyTorch model does (relu + torch.topk + scatter_).
 
-Shapes are the sparsified layers of the CVPR generator (Table 1), batch 16 on the CPU and 64 on a GPU:
-spatial top-k (k = H*W/4) of 512@8x8, 256@16x16, 128@32x32 and the FC layer's channel top-8 of 3200@4x4.
+Shapes are the sparsified layers of the CVPR generator (Table 1), batch 16 on the CPU and 64 and 256 on a GPU
+(``--batch``): spatial top-k (k = H*W/4) of 512@8x8, 256@16x16, 128@32x32 and the FC layer's channel top-8 of
+3200@4x4. GB/s counts the bytes each op must move (input read once, outputs written once); on a GPU the run
+also measures a device-to-device copy, the practical bandwidth ceiling, and every row gives its share of it.
 Providers (see benchmarks/common.py): ``dense`` = ``reference.topk_mask_torch_baseline``;
 ``sparsegen`` = ``torch.ops.sparsegen.topk_mask`` (dense output, like for like) and ``topk_compact``
 (the compact output the sparse convolutions consume); on CUDA also ``triton`` and ``cuda``.
@@ -43,22 +45,33 @@ CASES = (
 )
 
 
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` (bytes read + bytes written): the bandwidth ceiling."""
+    import triton.testing
+
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], dtypes=True)
+    args = parse_args(__doc__.splitlines()[0], dtypes=True, batches=True)
     dtype = args.torch_dtype
     device = args.device
     ops = load_ops()
     from sparsegen_kernels import reference as R
 
-    N = 2 if args.quick else (64 if device == "cuda" else 16)
+    batches = args.batch or ([2] if args.quick else ([64, 256] if device == "cuda" else [16]))
     names = providers(device)
     env = environment(device)
-    print(f"top-k on {env['device_name']} ({env['torch_threads']} threads), torch {env['torch']}, batch {N}, "
-          f"{args.dtype}")
-    print(f"{'case':40s} {'provider':10s} {'op':8s} {'ms':>9s} {'vs dense':>8s} {'GB/s':>7s}")
+    copy_gbs = copy_bandwidth() if device == "cuda" else None
+    print(f"top-k on {env['device_name']} ({env['torch_threads']} threads), torch {env['torch']}, batch {batches}, "
+          f"{args.dtype}" + (f"; device-to-device copy {copy_gbs:.0f} GB/s" if copy_gbs else ""))
+    print(f"{'case':40s} {'N':>4s} {'provider':10s} {'op':8s} {'ms':>9s} {'vs dense':>8s} {'GB/s':>7s} {'% copy':>6s}")
     rows = []
     torch.manual_seed(0)
-    for case in CASES:
+    for N, case in ((n, c) for n in batches for c in CASES):
         shape = (N, case.C, case.H, case.W)
         x = torch.randn(shape, device=device).to(dtype)
         b = torch.randn(case.C, device=device).to(dtype)
@@ -81,13 +94,14 @@ def main() -> None:
                 r = None if base is None else ratio(base.median, t)
                 r_min = None if base is None or tm is None else ratio(base.min, tm.min)
                 gbs = None if t is None else nbytes[op] / t / 1e9
-                print(f"{case.name:40s} {prov:10s} {op:8s} {fmt_ms(t)} {fmt_ratio(r)} "
-                      f"{'' if gbs is None else f'{gbs:7.1f}'}")
+                pct = None if gbs is None or not copy_gbs else 100 * gbs / copy_gbs
+                print(f"{case.name:40s} {N:4d} {prov:10s} {op:8s} {fmt_ms(t)} {fmt_ratio(r)} "
+                      f"{'' if gbs is None else f'{gbs:7.1f}'} {'' if pct is None else f'{pct:5.0f}%'}")
                 rows.append(dict(asdict(case), N=N, shape=list(shape), density=case.k / case.group_size(),
                                  provider=prov, op=op, ms=None if t is None else t * 1e3,
                                  ms_min=None if tm is None else tm.min * 1e3, speedup_vs_dense=r,
-                                 speedup_vs_dense_min=r_min, gb_per_s=gbs))
-    extra = precision_note(args)
+                                 speedup_vs_dense_min=r_min, gb_per_s=gbs, pct_of_copy_bandwidth=pct))
+    extra = {**precision_note(args), "batches": batches, "copy_gb_per_s": copy_gbs}
     if device == "cuda":
         extra["fastest"] = fastest_providers("topk", rows)
         print("fastest GPU provider per op:", extra["fastest"])

@@ -8,6 +8,7 @@ other, so the ratios compare like with like. Results go to ``benchmarks/results/
 Providers:
 
 * ``dense``      the PyTorch baseline from :mod:`sparsegen_kernels.reference` (what a dense model does);
+* ``dense_folded`` (sparse-conv benchmark, CUDA) cuDNN on the folded weight: the best dense formulation;
 * ``sparsegen``  the ``torch.ops.sparsegen`` ops (CPU: the C++ kernels; CUDA: backend ``"auto"``);
 * ``triton``, ``cuda`` (CUDA only) the same ops with ``sparsegen_kernels.set_backend(...)`` forcing one
   GPU provider; skipped where that API or provider is missing.
@@ -34,10 +35,17 @@ if ROOT not in sys.path:
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def parse_args(description: str, dtypes: bool = False) -> argparse.Namespace:
+def parse_args(description: str, dtypes: bool = False, batches: bool = False, budget: bool = False) -> argparse.Namespace:
     """``--device cpu|cuda``, ``--quick`` (small batch, few repeats: for tests), ``--out FILE``, ``--threads``;
-    with ``dtypes``, also ``--dtype`` and ``--tf32`` (see :func:`set_float32_precision`)."""
+    with ``dtypes``, also ``--dtype`` and ``--tf32`` (see :func:`set_float32_precision`); with ``batches``,
+    ``--batch N [N ...]``; with ``budget``, ``--budget SECONDS`` (stop starting new cases after that)."""
     p = argparse.ArgumentParser(description=description)
+    if batches:
+        p.add_argument("--batch", type=int, nargs="+", default=None,
+                       help="batch sizes (default: 16 on the CPU, 64 and 256 on a GPU, 2 with --quick)")
+    if budget:
+        p.add_argument("--budget", type=float, default=None,
+                       help="seconds; no new case starts after this (what was measured is written)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default: cpu)")
     p.add_argument("--quick", action="store_true", help="small batch and few repeats (a smoke test, not a measurement)")
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/<name>_<device>.json)")
@@ -139,7 +147,7 @@ def time_fn(fn: Callable[[], object], device: str, quick: bool = False) -> Timin
         import triton.testing
 
         torch.cuda.synchronize()
-        ms = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100,
+        ms = triton.testing.do_bench(fn, warmup=5 if quick else 10, rep=20 if quick else 50,
                                      return_mode="all")
         ms = sorted(ms)
         return Timing(ms[len(ms) // 2] / 1e3, ms[0] / 1e3)

@@ -17,7 +17,8 @@ def _bench(script, *args, check=True):
 
 
 @pytest.mark.parametrize("script,ops", [("bench_topk.py", {"mask", "compact"}),
-                                        ("bench_sparse_conv.py", {"fwd", "fwd+fold", "fold", "in_grad", "w_grad",
+                                        ("bench_sparse_conv.py", {"fwd", "fwd_prefolded", "fold", "in_grad",
+                                                                  "w_grad", "in_grad_prefolded", "w_grad_prefolded",
                                                                   "fwd+bwd"})])
 def test_quick_run_writes_rows_for_dense_and_sparse(tmp_path, script, ops):
     out = tmp_path / "result.json"
@@ -36,7 +37,7 @@ def test_quick_run_writes_rows_for_dense_and_sparse(tmp_path, script, ops):
         assert r["ms"] is not None and r["ms"] > 0, r
     # every sparse forward is compared with the dense baseline of the same case
     for r in run["rows"]:
-        if r["provider"] == "sparsegen" and r["op"] in ("mask", "compact", "fwd", "fwd+fold", "fwd+bwd"):
+        if r["provider"] == "sparsegen" and r["op"] in ("mask", "compact", "fwd", "fwd_prefolded", "fwd+bwd"):
             assert r["speedup_vs_dense"] is not None and r["speedup_vs_dense"] > 0, r
 
 
