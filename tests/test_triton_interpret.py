@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton_kernels
 
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     DEVICE = "cuda"
