@@ -17,7 +17,8 @@
 #   bench_results.tar.gz  result files the benchmarks wrote under benchmarks/results/ during the run
 # Environment: GPU_SUITE_BUDGET, GPU_SUITE_PYTEST_ARGS (default "-q"; -n 8 is added when pytest-xdist is installed), TORCH_CUDA_ARCH_LIST (default 9.0),
 # MAX_JOBS (default 16), GPU_SUITE_SKIP_BUILD=1 (reuse an extension already built in place),
-# GPU_SUITE_PYTHON (default python3).
+# GPU_SUITE_PYTHON (default python3), GPU_SUITE_STEPS (run only the named steps, e.g. for a rerun of what
+# changed), GPU_SUITE_TEST_K (a pytest -k expression for the test steps).
 set -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -97,6 +98,10 @@ run_step() {
   local name="$1" limit="$2"
   shift 2
   local now left rc status t0 t1 ms
+  if [ -n "${GPU_SUITE_STEPS:-}" ] && ! grep -qw -- "$name" <<<"$GPU_SUITE_STEPS"; then
+    echo "== $name: not selected (GPU_SUITE_STEPS)"
+    return 0
+  fi
   now=$(date +%s)
   left=$((BUDGET - (now - START) - 15))
   if [ "$left" -lt 20 ]; then
@@ -173,6 +178,7 @@ raise SystemExit(1 if missing else 0)"
   # compiled on CUDA tensors here.
   local workers=()
   "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
+  [ -n "${GPU_SUITE_TEST_K:-}" ] && workers+=(-k "$GPU_SUITE_TEST_K")
   # shellcheck disable=SC2086
   run_step gpu-tests 150 "$PY" -m pytest -m gpu "${workers[@]}" ${GPU_SUITE_PYTEST_ARGS:--q} -rfE \
     -p no:cacheprovider --continue-on-collection-errors --junitxml="$DEST/junit-gpu.xml" tests

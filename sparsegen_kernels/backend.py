@@ -72,8 +72,9 @@ _CUDA_COMPOSITES = {
 }
 
 
+@lru_cache(maxsize=None)
 def cuda_available(op: str) -> bool:
-    """Whether the CUDA C++ provider of ``op`` was compiled into ``_C``."""
+    """Whether the CUDA C++ provider of ``op`` was compiled into ``_C`` (asked once per op: it cannot change)."""
     base = _CUDA_COMPOSITES[op][0] if op in _CUDA_COMPOSITES else op
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegen::{base}_cuda", "CUDA")
