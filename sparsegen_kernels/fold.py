@@ -39,8 +39,8 @@ def fold_upsample_weight(weight3: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"fold_upsample_weight expects a [Cout, Cin, 3, 3] weight, got {tuple(weight3.shape)}")
     Cout, Cin = weight3.shape[:2]
     # W4[i, j, k, o] = sum_yx A[j, y] A[k, x] W3[o, i, y, x]: the weight laid out [Cin, 9, Cout] (one copy), then
-    # one batched product with kron(A, A) [16, 9] over contiguous, aligned operands. (A product that reads the
-    # [Cout, Cin, 3, 3] weight through strides runs the GPU's unaligned GEMM kernels, several times slower.)
+    # one batched product with kron(A, A) [16, 9]. On a GPU its K = 9 keeps cuBLAS on unaligned GEMM kernels
+    # (bfloat16, 3200x512 weight on an H200: 184 us, the same as the product over strided operands).
     wt = weight3.permute(1, 2, 3, 0).reshape(Cin, 9, Cout)
     w = torch.matmul(_kron_fold_matrix(weight3), wt)  # [Cin, 16, Cout]
     return w.view(Cin, 4, 4, Cout).permute(0, 3, 1, 2)  # [Cin, Cout, 4, 4] view of [Cin, 4, 4, Cout] storage
