@@ -74,6 +74,7 @@ def main() -> None:
     gpu = device == "cuda"
     ops = load_ops()
     import sparsegen_kernels as sk
+    from sparsegen_kernels import geometry
     from sparsegen_kernels import reference as R
 
     batches = args.batch or ([2] if args.quick else ([64, 256] if gpu else [16]))
@@ -103,7 +104,7 @@ def main() -> None:
             sa = sk.topk_compact(x, case.k, case.mode, None, True)
             v, i = sa.values.contiguous(), sa.indices
             dense_x = ops.compact_to_dense(v, i, case.mode, shape)
-            w4 = R.fold_upsample_weight(w3)
+            w4 = geometry.fold_upsample_weight(w3)
             out = ops.sparse_upsample_conv2d(v, i, case.mode, shape, w3, b)
             go = torch.randn_like(out)
             nnz = int((v != 0).sum())
@@ -122,7 +123,7 @@ def main() -> None:
                 d = dense_x.detach().requires_grad_()
                 w = w3.detach().requires_grad_()
                 bb = b.detach().requires_grad_()
-                torch.nn.functional.conv_transpose2d(d, R.fold_upsample_weight(w), bb, 2, 1).backward(go)
+                torch.nn.functional.conv_transpose2d(d, geometry.fold_upsample_weight(w), bb, 2, 1).backward(go)
 
             def sparse_fwdbwd():
                 vv = v.detach().requires_grad_()
@@ -147,7 +148,7 @@ def main() -> None:
                     ]
                     if not case.sweep:
                         if not gpu:
-                            variants.append(("fold", lambda: R.fold_upsample_weight(w3), None))
+                            variants.append(("fold", lambda: geometry.fold_upsample_weight(w3), None))
                         variants += [
                             ("in_grad", lambda: ops.sparse_upsample_conv2d_input_grad(go, i, case.mode, shape, w3),
                              sparse_macs),

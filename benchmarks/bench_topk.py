@@ -4,7 +4,7 @@ Shapes are the sparsified layers of the CVPR generator (Table 1), batch 16 on th
 (``--batch``): spatial top-k (k = H*W/4) of 512@8x8, 256@16x16, 128@32x32 and the FC layer's channel top-8 of
 3200@4x4. GB/s counts the bytes each op must move (input read once, outputs written once); on a GPU the run
 also measures a device-to-device copy, the practical bandwidth ceiling, and every row gives its share of it.
-Providers (see benchmarks/common.py): ``dense`` = ``reference.topk_mask_torch_baseline``;
+Providers (see benchmarks/common.py): ``dense`` = ``baselines.topk_mask_torch_baseline``;
 ``sparsegen`` = ``torch.ops.sparsegen.topk_mask`` (dense output, like for like) and ``topk_compact``
 (the compact output the sparse convolutions consume); on CUDA also ``triton`` and ``cuda``.
 Ratios are of medians; the result rows also keep the fastest repeat (``ms_min``) and its ratio.
@@ -60,7 +60,7 @@ def main() -> None:
     dtype = args.torch_dtype
     device = args.device
     ops = load_ops()
-    from sparsegen_kernels import reference as R
+    from sparsegen_kernels.baselines import topk_mask_torch_baseline
 
     batches = args.batch or ([2] if args.quick else ([64, 256] if device == "cuda" else [16]))
     names = providers(device)
@@ -82,7 +82,7 @@ def main() -> None:
                   "compact": x.numel() * el + N * G * case.k * (el + idx_bytes)}
         base = None
         for prov in names:
-            variants = [("mask", lambda: R.topk_mask_torch_baseline(x, case.k, case.mode, b, True))] if prov == "dense" \
+            variants = [("mask", lambda: topk_mask_torch_baseline(x, case.k, case.mode, b, True))] if prov == "dense" \
                 else [("mask", lambda: ops.topk_mask(x, case.k, case.mode, b, True)),
                       ("compact", lambda: ops.topk_compact(x, case.k, case.mode, b, True))]
             for op, fn in variants:

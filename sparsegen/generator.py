@@ -13,7 +13,7 @@ from typing import Optional, Union
 import sparsegen_kernels as sk
 import torch
 import torch.nn.functional as F
-from sparsegen_kernels.reference import topk_mask_torch_baseline
+from sparsegen_kernels.baselines import topk_mask_torch_baseline
 from torch import Tensor, nn
 
 from .configs import ModelConfig, model_config

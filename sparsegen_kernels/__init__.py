@@ -10,9 +10,10 @@ surviving entries. CPU (C++/OpenMP), CUDA (C++) and Triton backends behind ``tor
 """
 from . import ops as _ops
 from .backend import get_backend, set_backend
+from .ops import cpu_reference_fallbacks
 from .functional import sparse_conv_transpose2d, sparse_upsample_conv2d, topk_compact, topk_mask
 from .modules import SparseConvTranspose2d, SparseUpsampleConv2d, TopK
-from .reference import fold_upsample_weight
+from .geometry import fold_upsample_weight
 from .sparse_activation import SparseActivation
 from .sparsify import TopKReLU, sparsify, sparsify_sites
 
@@ -24,6 +25,7 @@ __all__ = [
     "SparseUpsampleConv2d",
     "TopK",
     "TopKReLU",
+    "cpu_reference_fallbacks",
     "fold_upsample_weight",
     "get_backend",
     "set_backend",

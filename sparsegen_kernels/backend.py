@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .fold import fold_upsample_weight, unfold_upsample_weight_grad
+from .geometry import fold_upsample_weight, unfold_upsample_weight_grad
 
 BACKENDS = ("auto", "triton", "cuda")
 _TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_table.json")

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .reference import MODES, group_geometry
+from .geometry import MODES, conv_transpose_output_size, group_geometry
 from .sparse_activation import SparseActivation
 
 SparseOrDense = Union[SparseActivation, Tensor]
@@ -123,7 +123,8 @@ def sparse_conv_transpose2d(inp: SparseOrDense, weight: Tensor, bias: Optional[T
     if any(op >= s for op, s in zip(output_padding, stride)):
         raise ValueError(f"output_padding {output_padding} must be smaller than stride {stride}")
     for i in range(2):
-        if (in_shape[2 + i] - 1) * stride[i] - 2 * padding[i] + weight.shape[2 + i] + output_padding[i] < 1:
+        if conv_transpose_output_size(in_shape[2 + i], weight.shape[2 + i], stride[i], padding[i],
+                                      output_padding[i]) < 1:
             raise ValueError(f"padding {padding} leaves an empty output for input {in_shape} and weight "
                              f"{tuple(weight.shape)}")
     return ops.sparse_conv_transpose2d(values, indices, mode, in_shape, weight, bias, stride, padding,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
-from .reference import fold_upsample_weight
+from .geometry import fold_upsample_weight
 from .sparse_activation import SparseActivation
 
 

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from . import backend, reference
 from ._loader import load_extension
-from .fold import fold_upsample_weight, unfold_upsample_weight_grad
+from .geometry import conv_transpose_output_size, fold_upsample_weight, group_geometry, index_dtype, \
+    unfold_upsample_weight_grad
 
 _LIB = "sparsegen"
 OP_NAMES = (
@@ -108,16 +109,13 @@ def sparse_upsample_conv2d_weight_grad(grad_out: Tensor, values: Tensor, indices
 # ---------------------------------------------------------------------------------------------------
 def _compact_shape(x_shape, k, mode):
     N, C, H, W = x_shape
-    G, size = reference.group_geometry(mode, C, H, W)
-    return (N, G, k), reference.index_dtype(size)
+    G, size = group_geometry(mode, C, H, W)
+    return (N, G, k), index_dtype(size)
 
 
 def _conv_out_hw(in_shape, weight, stride, padding, output_padding):
-    H, W = in_shape[2], in_shape[3]
-    kh, kw = weight.shape[2], weight.shape[3]
-    Ho = (H - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0]
-    Wo = (W - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1]
-    return Ho, Wo
+    return tuple(conv_transpose_output_size(in_shape[2 + i], weight.shape[2 + i], stride[i], padding[i],
+                                            output_padding[i]) for i in range(2))
 
 
 def _fake_topk_compact(x, k, mode, bias, relu):
@@ -439,6 +437,14 @@ def _contiguous_outputs(fn):
 
 _FALLBACK_LIB = None
 _REGISTERED = False
+_CPU_FALLBACKS: list = []
+
+
+def cpu_reference_fallbacks() -> tuple:
+    """The ops whose CPU kernel is the slow pure-PyTorch reference, because the compiled extension lacks it
+    (all of the C++ ops when ``_C`` did not load; see :func:`sparsegen_kernels._loader.load_error`)."""
+    register()
+    return tuple(_CPU_FALLBACKS)
 
 
 def register() -> None:
@@ -480,6 +486,7 @@ def register() -> None:
         torch.library.register_kernel(f"{_LIB}::{name}", "cpu", kernel)
     missing_cpu = [n for n in OP_NAMES if n not in PYTHON_CPU_OPS
                    and not torch._C._dispatch_has_kernel_for_dispatch_key(f"{_LIB}::{n}", "CPU")]
+    _CPU_FALLBACKS.extend(missing_cpu)
     if missing_cpu:
         warnings.warn(f"sparsegen: no compiled CPU kernel for {missing_cpu}; using the pure-PyTorch references",
                       RuntimeWarning, stacklevel=2)

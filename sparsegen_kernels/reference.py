@@ -1,7 +1,9 @@
 """Pure-PyTorch references: the executable definition of every op's semantics.
 
 Each ``*_ref`` here is shared by the tests (as the independent reference), by the benchmarks (as the
-dense baseline) and by the package as its last-resort fallback when no compiled backend is present.
+dense baseline) and by the package as its last-resort fallback when no compiled backend is present. They are
+written from the semantics alone and import nothing from the package (the geometry the kernels use lives in
+:mod:`sparsegen_kernels.geometry`).
 Shapes: ``x`` is ``[N, C, H, W]``; a compact activation is ``values, indices`` of shape ``[N, G, k]``
 (see :mod:`sparsegen_kernels.sparse_activation` for the grouping modes).
 """
@@ -12,27 +14,14 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-# The fold of nearest-x2 upsampling into a 3x3 conv is production code (:mod:`sparsegen_kernels.fold`); the
-# oracle of the upsample-conv is :func:`sparse_upsample_conv2d_ref` (``F.interpolate`` + ``F.conv2d``).
-from .fold import FOLD_MATRIX, fold_upsample_weight  # noqa: F401  (re-exported)
-
 MODES = ("spatial", "channel", "global")
 
 
-def group_geometry(mode: str, C: int, H: int, W: int) -> tuple[int, int]:
-    """Return ``(G, group_size)`` for ``mode`` and a ``[N, C, H, W]`` input."""
-    if mode == "spatial":
-        return C, H * W
-    if mode == "channel":
-        return H * W, C
-    if mode == "global":
-        return 1, C * H * W
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-
-
-def index_dtype(group_size: int) -> torch.dtype:
-    """int16 where every index inside a group fits, else int32."""
-    return torch.int16 if group_size <= 32767 else torch.int32
+def _group_count_and_size(mode: str, C: int, H: int, W: int) -> tuple[int, int]:
+    sizes = {"spatial": (C, H * W), "channel": (H * W, C), "global": (1, C * H * W)}
+    if mode not in sizes:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    return sizes[mode]
 
 
 def to_groups(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -75,14 +64,14 @@ def topk_compact_ref(x: torch.Tensor, k: int, mode: str = "spatial", bias: Optio
     order = torch.sort(g.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
     idx = torch.sort(order, dim=-1).values
     values = torch.gather(g, -1, idx)
-    return values, idx.to(index_dtype(g.shape[-1]))
+    return values, idx.to(torch.int16 if g.shape[-1] <= 32767 else torch.int32)
 
 
 def compact_to_dense_ref(values: torch.Tensor, indices: torch.Tensor, mode: str,
                          shape: Sequence[int]) -> torch.Tensor:
     """Scatter ``values`` at ``indices`` into zeros of ``shape = [N, C, H, W]``."""
     N, C, H, W = shape
-    G, size = group_geometry(mode, C, H, W)
+    G, size = _group_count_and_size(mode, C, H, W)
     g = values.new_zeros(N, G, size).scatter(-1, indices.long(), values)
     return from_groups(g, mode, shape)
 
@@ -97,19 +86,6 @@ def topk_mask_ref(x: torch.Tensor, k: int, mode: str = "spatial", bias: Optional
     """Dense top-k: ``relu?(x + bias)`` with all but the k largest entries of each group set to zero."""
     values, indices = topk_compact_ref(x, k, mode, bias, relu)
     return compact_to_dense_ref(values, indices, mode, x.shape)
-
-
-def topk_mask_torch_baseline(x: torch.Tensor, k: int, mode: str = "spatial", bias: Optional[torch.Tensor] = None,
-                             relu: bool = False) -> torch.Tensor:
-    """What a dense PyTorch model does: ``relu`` + ``torch.topk`` + ``scatter_`` (the benchmarks' baseline).
-
-    Ties are resolved by ``torch.topk`` (unspecified order), so this is a baseline for speed only.
-    """
-    y = preactivation_ref(x, bias, relu)
-    g = to_groups(y, mode)
-    idx = torch.topk(g, k, dim=-1, sorted=False).indices
-    out = torch.zeros_like(g).scatter_(-1, idx, torch.gather(g, -1, idx))
-    return from_groups(out, mode, x.shape)
 
 
 def sparse_conv_transpose2d_ref(dense_input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

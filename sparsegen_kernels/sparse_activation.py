@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import group_geometry
+from .geometry import group_geometry
 
 
 class SparseActivation(NamedTuple):

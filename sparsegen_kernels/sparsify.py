@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import functional as SF
 from .modules import SparseConvTranspose2d, SparseUpsampleConv2d
-from .reference import MODES, group_geometry
+from .geometry import MODES, group_geometry
 
 KSpec = Union[int, float, tuple]
 

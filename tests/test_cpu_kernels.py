@@ -12,6 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("sparsegen_kernels._C", reason="the C++ extension is not built")
 
 from sparsegen_kernels import reference as R  # noqa: E402
+from sparsegen_kernels import geometry  # noqa: E402
 
 ops = torch.ops.sparsegen
 
@@ -63,7 +64,7 @@ def test_topk_matches_reference(isa, shape, k, mode, dtype, kind):
         for relu in (False, True):
             v, i = ops.topk_compact(x, k, mode, bias, relu)
             vr, ir = R.topk_compact_ref(x, k, mode, bias, relu)
-            assert i.dtype == ir.dtype == R.index_dtype(R.group_geometry(mode, *shape[1:])[1])
+            assert i.dtype == ir.dtype == geometry.index_dtype(geometry.group_geometry(mode, *shape[1:])[1])
             assert torch.equal(i, ir), (mode, k, relu, bias is not None)
             assert torch.equal(v, vr)
             out, i2 = ops.topk_mask(x, k, mode, bias, relu)
@@ -93,7 +94,7 @@ def test_topk_non_contiguous_input(isa):
 @pytest.mark.parametrize("mode, k", [("spatial", 0), ("spatial", 21), ("channel", 4), ("global", 61)])
 def test_topk_k_out_of_range(mode, k):
     x = torch.randn(2, 3, 4, 5)
-    size = R.group_geometry(mode, 3, 4, 5)[1]
+    size = geometry.group_geometry(mode, 3, 4, 5)[1]
     with pytest.raises(ValueError, match=rf"(?s)k = {k}.*'{mode}'.*group size {size}"):
         ops.topk_compact(x, k, mode, None, False)
     with pytest.raises(ValueError, match=rf"k = {k}"):
@@ -193,7 +194,7 @@ def test_conv_folded_upsample_weight(isa, dtype):
         v, i = R.topk_compact_ref(x, k, mode, None, True)
         dense = R.compact_to_dense_ref(v, i, mode, x.shape)
         w3, b = torch.randn(32, cin, 3, 3, dtype=dtype), torch.randn(32, dtype=dtype)
-        out = ops.sparse_conv_transpose2d(v, i, mode, list(x.shape), R.fold_upsample_weight(w3), b, [2, 2], [1, 1],
+        out = ops.sparse_conv_transpose2d(v, i, mode, list(x.shape), geometry.fold_upsample_weight(w3), b, [2, 2], [1, 1],
                                           [0, 0])
         torch.testing.assert_close(out, R.sparse_upsample_conv2d_ref(dense, w3, b), **_tol(dtype))
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.gpu
 
 from sparsegen_kernels import reference as R  # noqa: E402
+from sparsegen_kernels import geometry  # noqa: E402
 
 OPS = ("topk_compact_cuda", "topk_mask_cuda", "compact_to_dense_cuda", "compact_gather_cuda",
        "sparse_conv_transpose2d_cuda", "sparse_conv_transpose2d_input_grad_cuda",
@@ -106,7 +107,7 @@ def test_topk_exact(shape, k, mode, dtype):
 def test_topk_all_equal_and_special_values(mode, dtype):
     """All-equal groups (pure tie-breaking), +-0.0, +-inf and NaN (NaN ranks above +inf, as in torch.sort)."""
     shape = (2, 6, 5, 5)
-    G, size = R.group_geometry(mode, *shape[1:])
+    G, size = geometry.group_geometry(mode, *shape[1:])
     x = torch.zeros(shape, device=DEV, dtype=dtype)
     k = max(1, size // 3)
     for make in (lambda t: t.fill_(1.5), lambda t: t.fill_(0.0)):
@@ -190,7 +191,7 @@ def _conv_case(case, dtype, seed=0):
     x = torch.randn(in_shape, device=DEV, dtype=torch.float64, generator=g)
     if folded:
         w3 = torch.randn(Cout, Cin, 3, 3, device=DEV, dtype=torch.float64, generator=g) / (Cin * 9) ** 0.5
-        w = R.fold_upsample_weight(w3)  # [Cin, Cout, 4, 4] view of [Cin, 4, 4, Cout] storage
+        w = geometry.fold_upsample_weight(w3)  # [Cin, Cout, 4, 4] view of [Cin, 4, 4, Cout] storage
         w_lo = w.permute(0, 2, 3, 1).contiguous().to(dtype).permute(0, 3, 1, 2)  # same layout at dtype
         assert not w_lo.is_contiguous()
     else:

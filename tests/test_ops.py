@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import sparsegen_kernels as sk
 from sparsegen_kernels import ops, reference
+from sparsegen_kernels import geometry
 from conftest import device_dtype_params, device_params, gpu_params
 from tolerance import assert_all_within_torch_error, assert_within_torch_error, no_tf32
 
@@ -41,7 +42,7 @@ def assert_equal(actual, expected, what):
 
 
 def group_size(shape, mode):
-    return reference.group_geometry(mode, *shape[1:])[1]
+    return geometry.group_geometry(mode, *shape[1:])[1]
 
 
 def ks_for(shape, mode):

@@ -8,6 +8,7 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.gpu
 
 from sparsegen_kernels import reference as R  # noqa: E402
+from sparsegen_kernels import geometry  # noqa: E402
 
 if torch.cuda.is_available():
     from sparsegen_kernels.triton import PROVIDERS, sparse_conv, topk  # noqa: E402
@@ -59,7 +60,7 @@ def _case(in_shape, Cout, mode, k, dtype):
     N, Cin, H, W = in_shape
     x = torch.randn(in_shape, device=DEV, dtype=torch.float64)
     w3 = torch.randn(Cout, Cin, 3, 3, device=DEV, dtype=torch.float64) / (Cin * 9) ** 0.5
-    w = R.fold_upsample_weight(w3)
+    w = geometry.fold_upsample_weight(w3)
     b = torch.randn(Cout, device=DEV, dtype=torch.float64)
     v, i = R.topk_compact_ref(x, k, mode)
     return v, i, w, b

@@ -21,6 +21,7 @@ else:
 
 from sparsegen_kernels import ops  # noqa: E402
 from sparsegen_kernels import reference as R  # noqa: E402
+from sparsegen_kernels import geometry  # noqa: E402
 from sparsegen_kernels.triton import PROVIDERS  # noqa: E402
 from sparsegen_kernels.triton import sparse_conv, topk, upsample_conv  # noqa: E402
 
@@ -47,7 +48,7 @@ def sample_x(shape, dtype, ties=True):
 
 def k_for(mode, shape, frac=0.3):
     N, C, H, W = shape
-    return max(1, int(R.group_geometry(mode, C, H, W)[1] * frac))
+    return max(1, int(geometry.group_geometry(mode, C, H, W)[1] * frac))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ def test_topk_exact(mode, dtype, bias, relu):
 def test_topk_edge_k(mode):
     shape = (2, 3, 4, 5)
     x = sample_x(shape, torch.float32)
-    size = R.group_geometry(mode, *shape[1:])[1]
+    size = geometry.group_geometry(mode, *shape[1:])[1]
     for k in (1, size):
         check_topk(x, k, mode, None, False)
     check_topk(torch.zeros(shape, device=DEVICE), 3, mode, None, True)  # all ties
@@ -180,11 +181,11 @@ def make_conv_case(geo, mode, density, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((N, Cin, H, W), generator=gen)
     if kh == 0:
-        weight = R.fold_upsample_weight(torch.randn((Cout, Cin, 3, 3), generator=gen))  # non-contiguous view
+        weight = geometry.fold_upsample_weight(torch.randn((Cout, Cin, 3, 3), generator=gen))  # non-contiguous view
     else:
         weight = torch.randn((Cin, Cout, kh, kw), generator=gen)
     bias = torch.randn((Cout,), generator=gen)
-    k = max(1, int(R.group_geometry(mode, Cin, H, W)[1] * density))
+    k = max(1, int(geometry.group_geometry(mode, Cin, H, W)[1] * density))
     values, indices = R.topk_compact_ref(x, k, mode)
     return dict(mode=mode, values=values.to(dtype), indices=indices, weight=weight.to(dtype), bias=bias.to(dtype),
                 stride=list(stride), padding=list(padding), output_padding=list(output_padding),

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from ..reference import group_geometry, index_dtype  # noqa: F401  (re-exported for the launchers)
+from ..geometry import group_geometry, index_dtype  # noqa: F401  (re-exported for the launchers)
 
 MODE_IDS = {"spatial": 0, "channel": 1, "global": 2}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

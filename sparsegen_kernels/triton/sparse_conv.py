@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..geometry import conv_transpose_output_size
 from ._common import MODE_IDS, check_compact, check_float, group_geometry, next_pow2, pair
 from .layout import _entry_location, scatter_into
 
@@ -413,8 +414,8 @@ def _geometry(in_shape, weight_shape, stride, padding, output_padding=(0, 0)):
     OPH, OPW = pair(output_padding, "output_padding")
     if SH < 1 or SW < 1 or PH < 0 or PW < 0 or OPH < 0 or OPW < 0:
         raise ValueError(f"invalid stride {stride} / padding {padding} / output_padding {output_padding}")
-    Ho = (H - 1) * SH - 2 * PH + KH + OPH
-    Wo = (W - 1) * SW - 2 * PW + KW + OPW
+    Ho = conv_transpose_output_size(H, KH, SH, PH, OPH)
+    Wo = conv_transpose_output_size(W, KW, SW, PW, OPW)
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"conv_transpose2d output size ({Ho}, {Wo}) is not positive")
     return N, Cin, H, W, Cout, KH, KW, SH, SW, PH, PW, Ho, Wo
@@ -531,7 +532,7 @@ def _check_grad_out(grad_out, N, Cout):
 def _check_out_size(grad_out, H, W, KH, KW, SH, SW, PH, PW):
     Ho, Wo = grad_out.shape[2], grad_out.shape[3]
     for name, o, i, kk, s, p in (("height", Ho, H, KH, SH, PH), ("width", Wo, W, KW, SW, PW)):
-        base = (i - 1) * s - 2 * p + kk
+        base = conv_transpose_output_size(i, kk, s, p)
         if not base <= o < base + max(s, 1):
             raise ValueError(f"grad_out {name} {o} does not match a transposed conv of input {name} {i} "
                              f"(expected {base} + output_padding < {base + s})")

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fold import fold_upsample_weight, unfold_upsample_weight_grad
+from ..geometry import fold_upsample_weight, unfold_upsample_weight_grad
 from . import sparse_conv
 from ._common import check_compact, check_float, next_pow2
 

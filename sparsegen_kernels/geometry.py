@@ -1,16 +1,44 @@
-"""Folding nearest-x2 upsampling into a 3x3 convolution, and the adjoint of that fold.
+"""Production geometry of the ops: grouping modes, index dtypes, transposed-conv output sizes, and the fold of
+nearest-x2 upsampling into a 3x3 convolution (with its adjoint).
 
-``conv2d(interpolate(x, 2, "nearest"), W3, padding=1) == conv_transpose2d(x, fold(W3), stride=2, padding=1)``:
-output phase ``r`` of a row reads input rows ``i - 1 + r``..; the three taps of the 3x3 kernel collapse onto
-the 4 taps of the folded kernel as the rows of :data:`FOLD_MATRIX` (tap ``j`` of the 4x4 kernel sums the 3x3
-taps ``y`` with ``A[j, y] = 1``). Within one output phase the 4 folded taps partition the 9 original ones,
-which is why the fold saves 2.25x of the MACs.
+The fold: ``conv2d(interpolate(x, 2, "nearest"), W3, padding=1) == conv_transpose2d(x, fold(W3), stride=2,
+padding=1)``: output phase ``r`` of a row reads input rows ``i - 1 + r``..; the three taps of the 3x3 kernel
+collapse onto the 4 taps of the folded kernel as the rows of :data:`FOLD_MATRIX` (tap ``j`` of the 4x4 kernel
+sums the 3x3 taps ``y`` with ``A[j, y] = 1``). Within one output phase the 4 folded taps partition the 9 original
+ones, which is why the fold saves 2.25x of the MACs.
+
+The references that define what the ops compute are elsewhere (:mod:`sparsegen_kernels.reference`) and share
+no code with this module.
 """
 from __future__ import annotations
 
 import torch
 
+MODES = ("spatial", "channel", "global")
 FOLD_MATRIX = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
+def group_geometry(mode: str, C: int, H: int, W: int) -> tuple[int, int]:
+    """``(G, group_size)`` of top-k ``mode`` on an ``[N, C, H, W]`` input: spatial ``(C, H*W)``, channel
+    ``(H*W, C)``, global ``(1, C*H*W)``."""
+    if mode == "spatial":
+        return C, H * W
+    if mode == "channel":
+        return H * W, C
+    if mode == "global":
+        return 1, C * H * W
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def index_dtype(group_size: int) -> torch.dtype:
+    """Dtype of compact indices: int16 where every index inside a group fits, else int32."""
+    return torch.int16 if group_size <= 32767 else torch.int32
+
+
+def conv_transpose_output_size(size: int, kernel: int, stride: int, padding: int, output_padding: int = 0) -> int:
+    """Output length of a transposed convolution along one axis: ``(size - 1) * stride - 2 * padding + kernel
+    + output_padding``."""
+    return (size - 1) * stride - 2 * padding + kernel + output_padding
 
 
 def _kron_fold_matrix(like: torch.Tensor) -> torch.Tensor:
