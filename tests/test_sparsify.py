@@ -128,6 +128,15 @@ def test_partial_k_matches_masked_dense(k, modes):
 def test_dcgan_spatial_quarter_matches_masked_dense():
     g = dcgan(bias=True).to(F64).eval()
     s = sparsify(g, k=0.25)
+    # What was rewritten: both ReLUs became top-k and the transposed convs after them sparse ones. A BatchNorm
+    # sits between each biased conv and its ReLU, so no bias is fused here: every conv keeps adding its own
+    # (fusion of a transposed conv's bias is tested in test_sparsify_bias_fusion.py).
+    assert list(sparsify_sites(g)) == ["2", "5"]
+    assert isinstance(s[2], TopKReLU) and isinstance(s[5], TopKReLU)
+    assert s[2]._bias_from is None and s[5]._bias_from is None
+    assert type(s[0]) is nn.ConvTranspose2d and type(s[3]) is sk.SparseConvTranspose2d
+    assert type(s[6]) is sk.SparseConvTranspose2d
+    assert all(s[i].bias is g[i].bias and g[i].bias.abs().sum() > 0 for i in (0, 3, 6))
     ref = dense_with_masks(g, {"2": 0.25, "5": 0.25}, {})
     z = torch.randn(2, 8, 1, 1, dtype=F64)
     out = s(z)
