@@ -98,7 +98,7 @@ if [ "$missing" -ne 0 ]; then
   exit 1
 fi
 
-step "CUDA kernels registered for every *_cuda op"
+step "CUDA kernels registered for every provider op (_sparsegen_cuda::*)"
 "$PY" - "$SO" <<'PYEOF'
 import importlib.util
 import sys
@@ -108,12 +108,11 @@ import torch
 spec = importlib.util.spec_from_file_location("sparsegen_kernels._C", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-ops = ["topk_compact_cuda", "topk_mask_cuda", "compact_to_dense_cuda", "compact_gather_cuda",
-       "sparse_conv_transpose2d_cuda", "sparse_conv_transpose2d_input_grad_cuda",
-       "sparse_conv_transpose2d_weight_grad_cuda"]
-bad = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegen::{op}", "CUDA")]
+ops = ["topk_compact", "topk_mask", "compact_to_dense", "compact_gather", "sparse_conv_transpose2d",
+       "sparse_conv_transpose2d_input_grad", "sparse_conv_transpose2d_weight_grad"]
+bad = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"_sparsegen_cuda::{op}", "CUDA")]
 for op in ops:
-    print(f"  sparsegen::{op:42s} {'CUDA kernel' if op not in bad else 'MISSING'}")
+    print(f"  _sparsegen_cuda::{op:38s} {'CUDA kernel' if op not in bad else 'MISSING'}")
 print("torch.cuda.is_available():", torch.cuda.is_available(), "(not needed for this check)")
 sys.exit(1 if bad else 0)
 PYEOF

@@ -1,9 +1,12 @@
-// The one schema block of the sparsegen operator library. Every op is declared here, once;
-// each backend adds its kernels in its own file with TORCH_LIBRARY_IMPL(sparsegen, <Key>, m):
-//   csrc/cpu/*.cpp   -> CPU
-//   csrc/cuda/*.cu   -> CUDA (the *_cuda provider ops; the public ops' CUDA kernels are chosen in
-//                       sparsegen_kernels/backend.py between these and the Triton kernels)
-// Autograd, fake (meta) implementations and typed Python wrappers live in sparsegen_kernels/ops.py.
+// The one schema block of the sparsegen operator library. Every op is declared here, once, in the list
+// below; the Python registry (SCHEMAS in sparsegen_kernels/ops.py, which declares the same schemas when this
+// extension is missing) is checked against these by tests/test_ops.py. Each backend adds its kernels in its
+// own file with TORCH_LIBRARY_IMPL:
+//   csrc/cpu/*.cpp   -> sparsegen, CPU
+//   csrc/cuda/*.cu   -> _sparsegen_cuda, CUDA: the CUDA C++ providers, internal ops of the same names and
+//                       schemas; the public ops' CUDA kernels choose between them and the Triton kernels in
+//                       sparsegen_kernels/backend.py
+// Autograd, fake (meta) implementations, autocast and typed Python wrappers live in sparsegen_kernels/ops.py.
 //
 // Conventions shared by all ops (see sparsegen_kernels/reference.py for the executable definition):
 //   x: [N, C, H, W]; mode in {"spatial", "channel", "global"}; group g of sample n is
@@ -24,65 +27,49 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Ops with kernels in C++ (CPU and CUDA): X(name, "(arguments) -> returns").
+//   topk_compact      fused relu?(x + bias) + per-group top-k -> values, indices [N, G, k]
+//   topk_mask         the same with a dense output (every unselected entry zero), plus the compact indices
+//   compact_to_dense  scatter a compact activation into zeros of shape [N, C, H, W]
+//   compact_gather    gather dense [N, C, H, W] at compact indices -> [N, G, k]
+//   sparse_conv_transpose2d   conv_transpose2d(dense(input), weight [Cin, Cout, kh, kw], bias, ...); with
+//                             indices = None, values is a dense [N, C, H, W] input whose zeros are skipped
+//   sparse_conv_transpose2d_input_grad   d(out)/d(values) only at the surviving entries -> [N, G, k]
+//   sparse_conv_transpose2d_weight_grad  sum over surviving entries of v * grad_out window -> [Cin, Cout, kh, kw]
+#define SPARSEGEN_KERNEL_OPS(X)                                                                                  \
+  X(topk_compact, "(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor values, Tensor indices)")   \
+  X(topk_mask, "(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor out, Tensor indices)")         \
+  X(compact_to_dense, "(Tensor values, Tensor indices, str mode, SymInt[] shape) -> Tensor")                   \
+  X(compact_gather, "(Tensor dense, Tensor indices, str mode) -> Tensor")                                      \
+  X(sparse_conv_transpose2d,                                                                                   \
+    "(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, Tensor? bias, int[] stride, " \
+    "int[] padding, int[] output_padding) -> Tensor")                                                          \
+  X(sparse_conv_transpose2d_input_grad,                                                                        \
+    "(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, Tensor weight, int[] stride, "             \
+    "int[] padding) -> Tensor")                                                                                \
+  X(sparse_conv_transpose2d_weight_grad,                                                                       \
+    "(Tensor grad_out, Tensor values, Tensor? indices, str mode, SymInt[] in_shape, SymInt[] weight_shape, "   \
+    "int[] stride, int[] padding) -> Tensor")
+
+// Ops composed in Python from the ones above (sparsegen_kernels/ops.py and backend.py): the upsample-conv,
+//   out = conv2d(interpolate(dense(input), scale_factor=2, mode="nearest"), weight, bias, padding=1),
+//   weight [Cout, Cin, 3, 3] -> out [N, Cout, 2H, 2W], never materialising the upsampled map (the kernels fold
+//   the weight into a stride-2 4x4 transposed conv or, for very sparse inputs, work on the 3x3 weight);
+//   its input gradient at the surviving entries -> [N, G, k], and its weight gradient -> [Cout, Cin, 3, 3].
+#define SPARSEGEN_COMPOSITE_OPS(X)                                                                               \
+  X(sparse_upsample_conv2d,                                                                                    \
+    "(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, Tensor? bias) -> Tensor")   \
+  X(sparse_upsample_conv2d_input_grad,                                                                         \
+    "(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, Tensor weight) -> Tensor")                \
+  X(sparse_upsample_conv2d_weight_grad,                                                                        \
+    "(Tensor grad_out, Tensor values, Tensor? indices, str mode, SymInt[] in_shape) -> Tensor")
+
+#define SPARSEGEN_DEF(name, schema) m.def(#name schema);
+
 TORCH_LIBRARY(sparsegen, m) {
-  // ---- selection ------------------------------------------------------------------------------
-  m.def("topk_compact(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor values, Tensor indices)");
-  // Dense output with every unselected entry zero; also returns the compact indices (for backward
-  // and for reading out parse graphs without a second pass).
-  m.def("topk_mask(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor out, Tensor indices)");
-
-  // ---- layout ---------------------------------------------------------------------------------
-  // Scatter a compact activation into a dense [N, C, H, W] tensor of zeros (shape = [N, C, H, W]).
-  m.def("compact_to_dense(Tensor values, Tensor indices, str mode, SymInt[] shape) -> Tensor");
-  // Gather dense[N, C, H, W] at compact indices -> [N, G, k].
-  m.def("compact_gather(Tensor dense, Tensor indices, str mode) -> Tensor");
-
-  // ---- sparse transposed convolution ------------------------------------------------------------
-  // out = conv_transpose2d(dense(input), weight, bias, stride, padding, output_padding),
-  // weight [Cin, Cout, kh, kw]. With indices = None, `values` is a dense [N, C, H, W] input whose
-  // zeros are skipped (mode is then ignored). in_shape = [N, Cin, H, W].
-  m.def(
-      "sparse_conv_transpose2d(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, "
-      "Tensor? bias, int[] stride, int[] padding, int[] output_padding) -> Tensor");
-  // d(out)/d(values) only at the surviving entries: grad_out [N, Cout, Ho, Wo] -> [N, G, k].
-  m.def(
-      "sparse_conv_transpose2d_input_grad(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
-      "Tensor weight, int[] stride, int[] padding) -> Tensor");
-  // d(out)/d(weight) = sum over surviving entries of v * grad_out window -> [Cin, Cout, kh, kw].
-  // indices = None: dense input, zeros skipped.
-  m.def(
-      "sparse_conv_transpose2d_weight_grad(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
-      "SymInt[] in_shape, SymInt[] weight_shape, int[] stride, int[] padding) -> Tensor");
-
-  // ---- sparse upsample convolution --------------------------------------------------------------
-  // out = conv2d(interpolate(dense(input), scale_factor=2, mode="nearest"), weight, bias, padding=1),
-  // weight [Cout, Cin, 3, 3] (Conv2d layout) -> out [N, Cout, 2H, 2W], never materialising the upsampled
-  // map. Kernels either fold the weight into a stride-2 4x4 transposed conv or, for very sparse inputs,
-  // work on the 3x3 weight directly. indices = None: dense input, zeros skipped.
-  m.def(
-      "sparse_upsample_conv2d(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, "
-      "Tensor? bias) -> Tensor");
-  // d(out)/d(values) at the surviving entries only: grad_out [N, Cout, 2H, 2W] -> [N, G, k].
-  m.def(
-      "sparse_upsample_conv2d_input_grad(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
-      "Tensor weight) -> Tensor");
-  // d(out)/d(weight) summed over the surviving entries -> [Cout, Cin, 3, 3].
-  m.def(
-      "sparse_upsample_conv2d_weight_grad(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
-      "SymInt[] in_shape) -> Tensor");
-
-  // ---- CUDA C++ providers (kernels in csrc/cuda; same semantics as the ops above) ----------------
-  m.def("topk_compact_cuda(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor values, Tensor indices)");
-  m.def("topk_mask_cuda(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor out, Tensor indices)");
-  m.def("compact_to_dense_cuda(Tensor values, Tensor indices, str mode, SymInt[] shape) -> Tensor");
-  m.def("compact_gather_cuda(Tensor dense, Tensor indices, str mode) -> Tensor");
-  m.def(
-      "sparse_conv_transpose2d_cuda(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, "
-      "Tensor? bias, int[] stride, int[] padding, int[] output_padding) -> Tensor");
-  m.def(
-      "sparse_conv_transpose2d_input_grad_cuda(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
-      "Tensor weight, int[] stride, int[] padding) -> Tensor");
-  m.def(
-      "sparse_conv_transpose2d_weight_grad_cuda(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
-      "SymInt[] in_shape, SymInt[] weight_shape, int[] stride, int[] padding) -> Tensor");
+  SPARSEGEN_KERNEL_OPS(SPARSEGEN_DEF)
+  SPARSEGEN_COMPOSITE_OPS(SPARSEGEN_DEF)
 }
+
+// The CUDA C++ providers: internal, the same names and schemas as the public kernel ops.
+TORCH_LIBRARY(_sparsegen_cuda, m) { SPARSEGEN_KERNEL_OPS(SPARSEGEN_DEF) }

@@ -3,7 +3,7 @@
 On CPU tensors the dispatcher runs the C++ CPU kernels. On CUDA tensors every op's CUDA kernel is a small
 dispatcher that calls one provider:
 
-* ``"cuda"``: the C++ kernels in ``csrc/cuda`` (ops ``torch.ops.sparsegen.<op>_cuda``),
+* ``"cuda"``: the C++ kernels in ``csrc/cuda`` (the internal ops ``torch.ops._sparsegen_cuda.<op>``),
 * ``"triton"``: the kernels in :mod:`sparsegen_kernels.triton`,
 * ``"auto"`` (default): per op, top-k mode and dtype, the faster of the two according to the measured table
   ``backend_table.json`` beside this file (written by ``benchmarks/backend_table.py`` from the GPU
@@ -45,22 +45,29 @@ def get_backend() -> str:
     return name
 
 
-# The CUDA C++ provider of the upsample-conv ops folds the 3x3 weight and runs the transposed-conv kernels.
+# The CUDA C++ providers are the internal ops ``torch.ops._sparsegen_cuda.<op>`` (csrc/cuda), with the public
+# ops' schemas. The provider of the upsample-conv ops folds the 3x3 weight and runs the transposed-conv ones.
+_PROVIDER_NAMESPACE = "_sparsegen_cuda"
+
+
+def _cuda_op(name: str):
+    return getattr(getattr(torch.ops, _PROVIDER_NAMESPACE), name).default
+
+
 def _cuda_upsample_conv(values, indices, mode, in_shape, weight, bias):
     w4 = fold_upsample_weight(weight)
-    return torch.ops.sparsegen.sparse_conv_transpose2d_cuda(values, indices, mode, in_shape, w4, bias, [2, 2],
-                                                            [1, 1], [0, 0])
+    return _cuda_op("sparse_conv_transpose2d")(values, indices, mode, in_shape, w4, bias, [2, 2], [1, 1], [0, 0])
 
 
 def _cuda_upsample_input_grad(grad_out, indices, mode, in_shape, weight):
-    return torch.ops.sparsegen.sparse_conv_transpose2d_input_grad_cuda(grad_out, indices, mode, in_shape,
-                                                                       fold_upsample_weight(weight), [2, 2], [1, 1])
+    return _cuda_op("sparse_conv_transpose2d_input_grad")(grad_out, indices, mode, in_shape,
+                                                          fold_upsample_weight(weight), [2, 2], [1, 1])
 
 
 def _cuda_upsample_weight_grad(grad_out, values, indices, mode, in_shape):
     w_shape = [in_shape[1], grad_out.shape[1], 4, 4]
-    gw4 = torch.ops.sparsegen.sparse_conv_transpose2d_weight_grad_cuda(grad_out, values, indices, mode, in_shape,
-                                                                       w_shape, [2, 2], [1, 1])
+    gw4 = _cuda_op("sparse_conv_transpose2d_weight_grad")(grad_out, values, indices, mode, in_shape, w_shape,
+                                                          [2, 2], [1, 1])
     return unfold_upsample_weight_grad(gw4)
 
 
@@ -77,7 +84,7 @@ def cuda_available(op: str) -> bool:
     """Whether the CUDA C++ provider of ``op`` was compiled into ``_C`` (asked once per op: it cannot change)."""
     base = _CUDA_COMPOSITES[op][0] if op in _CUDA_COMPOSITES else op
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegen::{base}_cuda", "CUDA")
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{_PROVIDER_NAMESPACE}::{base}", "CUDA")
     except RuntimeError:
         return False
 
@@ -85,7 +92,7 @@ def cuda_available(op: str) -> bool:
 def _cuda_kernel(op: str) -> Callable:
     if op in _CUDA_COMPOSITES:
         return _CUDA_COMPOSITES[op][1]
-    return getattr(torch.ops.sparsegen, f"{op}_cuda").default
+    return _cuda_op(op)
 
 
 @lru_cache(maxsize=None)
@@ -149,7 +156,7 @@ def provider_name(op: str, mode: str | None = None, dtype: torch.dtype | None = 
         return "reference"
     if choice == "cuda" and not cuda_available(op):
         raise RuntimeError(f"backend 'cuda' selected but sparsegen_kernels._C was built without CUDA kernels "
-                           f"(no kernel for sparsegen::{op}_cuda); rebuild with a CUDA toolkit or use 'triton'")
+                           f"(no CUDA kernel for {op}); rebuild with a CUDA toolkit or use 'triton'")
     if choice == "triton" and not triton_available(op):
         raise RuntimeError(f"backend 'triton' selected but Triton is not available for {op}")
     return choice

@@ -1,8 +1,13 @@
-"""Typed wrappers over ``torch.ops.sparsegen.*``, their fake (meta) implementations and autograd.
+"""The op registry: every ``torch.ops.sparsegen`` op's schema, typed wrapper, fake (meta) implementation,
+autograd and autocast rule, in this one file.
 
-This is the one Python front door to the compiled ops. Each wrapper takes exactly the schema's arguments
-(see ``csrc/sparsegen.cpp``); argument checking happens one level up, in :mod:`sparsegen_kernels.functional`.
-Shapes: ``x [N, C, H, W]``; compact ``values, indices [N, G, k]``; transposed-conv ``weight [Cin, Cout, kh, kw]``.
+Each wrapper takes exactly the schema's arguments; argument checking happens one level up, in
+:mod:`sparsegen_kernels.functional`. The schemas are declared in C++ (``csrc/sparsegen.cpp``) and again in
+:data:`SCHEMAS` (used when the compiled extension is missing); a test checks that the two agree. Kernels:
+CPU in ``csrc/cpu`` (C++) or below (the upsample-conv, composed of the other ops); CUDA through
+:mod:`sparsegen_kernels.backend` (CUDA C++ in ``csrc/cuda`` or Triton in :mod:`sparsegen_kernels.triton`).
+Shapes: ``x [N, C, H, W]``; compact ``values, indices [N, G, k]``; transposed-conv ``weight [Cin, Cout, kh, kw]``;
+upsample-conv ``weight [Cout, Cin, 3, 3]``.
 """
 from __future__ import annotations
 
@@ -19,18 +24,27 @@ from .geometry import conv_transpose_output_size, fold_upsample_weight, group_ge
     unfold_upsample_weight_grad
 
 _LIB = "sparsegen"
-OP_NAMES = (
-    "topk_compact",
-    "topk_mask",
-    "compact_to_dense",
-    "compact_gather",
-    "sparse_conv_transpose2d",
-    "sparse_conv_transpose2d_input_grad",
-    "sparse_conv_transpose2d_weight_grad",
-    "sparse_upsample_conv2d",
-    "sparse_upsample_conv2d_input_grad",
-    "sparse_upsample_conv2d_weight_grad",
-)
+#: name -> schema ("(arguments) -> returns") of every op, in the order of the C++ block.
+SCHEMAS = {
+    "topk_compact": "(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor values, Tensor indices)",
+    "topk_mask": "(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor out, Tensor indices)",
+    "compact_to_dense": "(Tensor values, Tensor indices, str mode, SymInt[] shape) -> Tensor",
+    "compact_gather": "(Tensor dense, Tensor indices, str mode) -> Tensor",
+    "sparse_conv_transpose2d": "(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, "
+                               "Tensor? bias, int[] stride, int[] padding, int[] output_padding) -> Tensor",
+    "sparse_conv_transpose2d_input_grad": "(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
+                                          "Tensor weight, int[] stride, int[] padding) -> Tensor",
+    "sparse_conv_transpose2d_weight_grad": "(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
+                                           "SymInt[] in_shape, SymInt[] weight_shape, int[] stride, "
+                                           "int[] padding) -> Tensor",
+    "sparse_upsample_conv2d": "(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, "
+                              "Tensor? bias) -> Tensor",
+    "sparse_upsample_conv2d_input_grad": "(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
+                                         "Tensor weight) -> Tensor",
+    "sparse_upsample_conv2d_weight_grad": "(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
+                                          "SymInt[] in_shape) -> Tensor",
+}
+OP_NAMES = tuple(SCHEMAS)
 # Ops whose CPU kernels are compositions of the other ops, written in Python below (not in csrc/cpu).
 PYTHON_CPU_OPS = ("sparse_upsample_conv2d", "sparse_upsample_conv2d_input_grad", "sparse_upsample_conv2d_weight_grad")
 
@@ -400,28 +414,10 @@ _REFERENCE_KERNELS = {
 
 
 def _define_schema_if_missing() -> None:
-    """Without ``_C`` the op schemas do not exist: declare them from the same strings the C++ block uses."""
-    schemas = {
-        "topk_compact": "(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor values, Tensor indices)",
-        "topk_mask": "(Tensor x, int k, str mode, Tensor? bias, bool relu) -> (Tensor out, Tensor indices)",
-        "compact_to_dense": "(Tensor values, Tensor indices, str mode, SymInt[] shape) -> Tensor",
-        "compact_gather": "(Tensor dense, Tensor indices, str mode) -> Tensor",
-        "sparse_conv_transpose2d": "(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, "
-        "Tensor? bias, int[] stride, int[] padding, int[] output_padding) -> Tensor",
-        "sparse_conv_transpose2d_input_grad": "(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
-        "Tensor weight, int[] stride, int[] padding) -> Tensor",
-        "sparse_conv_transpose2d_weight_grad": "(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
-        "SymInt[] in_shape, SymInt[] weight_shape, int[] stride, int[] padding) -> Tensor",
-        "sparse_upsample_conv2d": "(Tensor values, Tensor? indices, str mode, SymInt[] in_shape, Tensor weight, "
-        "Tensor? bias) -> Tensor",
-        "sparse_upsample_conv2d_input_grad": "(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
-        "Tensor weight) -> Tensor",
-        "sparse_upsample_conv2d_weight_grad": "(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
-        "SymInt[] in_shape) -> Tensor",
-    }
+    """Without ``_C`` the op schemas do not exist: declare them from :data:`SCHEMAS`."""
     global _FALLBACK_LIB
     _FALLBACK_LIB = torch.library.Library(_LIB, "FRAGMENT")
-    for name, schema in schemas.items():
+    for name, schema in SCHEMAS.items():
         _FALLBACK_LIB.define(name + schema)
 
 

@@ -1,4 +1,5 @@
-"""The CUDA C++ kernels (``torch.ops.sparsegen.*_cuda``) against the pure-PyTorch references.
+"""The CUDA C++ kernels (the internal provider ops ``torch.ops._sparsegen_cuda.*``) against the pure-PyTorch
+references.
 
 Selection must match bit for bit (ties to the lower index, ascending index order); convolutions and their
 gradients are compared with float64 references: float32/float64 tightly, float16/bfloat16 at most twice the
@@ -13,9 +14,8 @@ pytestmark = pytest.mark.gpu
 from sparsegen_kernels import reference as R  # noqa: E402
 from sparsegen_kernels import geometry  # noqa: E402
 
-OPS = ("topk_compact_cuda", "topk_mask_cuda", "compact_to_dense_cuda", "compact_gather_cuda",
-       "sparse_conv_transpose2d_cuda", "sparse_conv_transpose2d_input_grad_cuda",
-       "sparse_conv_transpose2d_weight_grad_cuda")
+OPS = ("topk_compact", "topk_mask", "compact_to_dense", "compact_gather", "sparse_conv_transpose2d",
+       "sparse_conv_transpose2d_input_grad", "sparse_conv_transpose2d_weight_grad")
 
 
 def _cuda_kernels_present() -> bool:
@@ -25,13 +25,13 @@ def _cuda_kernels_present() -> bool:
         import sparsegen_kernels  # noqa: F401  (loads _C, which registers the ops)
     except ImportError:
         return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegen::{op}", "CUDA") for op in OPS)
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"_sparsegen_cuda::{op}", "CUDA") for op in OPS)
 
 
 if not _cuda_kernels_present():
     pytest.skip("needs a CUDA device and sparsegen_kernels._C built with its CUDA kernels", allow_module_level=True)
 
-OPS_NS = torch.ops.sparsegen
+OPS_NS = torch.ops._sparsegen_cuda
 DEV = "cuda"
 
 
@@ -92,8 +92,8 @@ def test_topk_exact(shape, k, mode, dtype):
     bias = torch.randn(shape[1], device=DEV).to(dtype)
     for b, relu in ((None, False), (bias, False), (None, True), (bias, True)):
         rv, ri = R.topk_compact_ref(x, k, mode, b, relu)
-        values, indices = OPS_NS.topk_compact_cuda(x, k, mode, b, relu)
-        out, indices2 = OPS_NS.topk_mask_cuda(x, k, mode, b, relu)
+        values, indices = OPS_NS.topk_compact(x, k, mode, b, relu)
+        out, indices2 = OPS_NS.topk_mask(x, k, mode, b, relu)
         assert indices.dtype == ri.dtype and indices2.dtype == ri.dtype
         assert values.dtype == dtype and out.dtype == dtype and out.shape == x.shape
         assert torch.equal(indices, ri), (b is not None, relu)
@@ -113,7 +113,7 @@ def test_topk_all_equal_and_special_values(mode, dtype):
     for make in (lambda t: t.fill_(1.5), lambda t: t.fill_(0.0)):
         make(x)
         rv, ri = R.topk_compact_ref(x, k, mode)
-        values, indices = OPS_NS.topk_compact_cuda(x, k, mode, None, False)
+        values, indices = OPS_NS.topk_compact(x, k, mode, None, False)
         assert torch.equal(indices, ri) and torch.equal(values, rv)
     y = torch.randn(shape, device=DEV).to(dtype)
     flat = y.view(-1)
@@ -124,7 +124,7 @@ def test_topk_all_equal_and_special_values(mode, dtype):
     flat[5::13] = float("nan")
     for relu in (False, True):
         rv, ri = R.topk_compact_ref(y, k, mode, None, relu)
-        values, indices = OPS_NS.topk_compact_cuda(y, k, mode, None, relu)
+        values, indices = OPS_NS.topk_compact(y, k, mode, None, relu)
         assert torch.equal(indices, ri), relu
         assert torch.allclose(values, rv, equal_nan=True), relu
 
@@ -132,21 +132,21 @@ def test_topk_all_equal_and_special_values(mode, dtype):
 def test_topk_bad_arguments():
     x = torch.randn(2, 3, 4, 4, device=DEV)
     with pytest.raises(ValueError, match="spatial"):
-        OPS_NS.topk_compact_cuda(x, 17, "spatial", None, False)
+        OPS_NS.topk_compact(x, 17, "spatial", None, False)
     with pytest.raises(ValueError):
-        OPS_NS.topk_compact_cuda(x, 0, "channel", None, False)
+        OPS_NS.topk_compact(x, 0, "channel", None, False)
     with pytest.raises(ValueError):
-        OPS_NS.topk_mask_cuda(x, 1, "rows", None, False)
+        OPS_NS.topk_mask(x, 1, "rows", None, False)
     with pytest.raises(TypeError):
-        OPS_NS.topk_compact_cuda(x, 2, "spatial", torch.zeros(3, device=DEV, dtype=torch.float64), False)
+        OPS_NS.topk_compact(x, 2, "spatial", torch.zeros(3, device=DEV, dtype=torch.float64), False)
     with pytest.raises(ValueError):
-        OPS_NS.topk_compact_cuda(x, 2, "spatial", torch.zeros(4, device=DEV), False)
+        OPS_NS.topk_compact(x, 2, "spatial", torch.zeros(4, device=DEV), False)
 
 
 def test_topk_noncontiguous_input():
     x = torch.randn(2, 8, 6, 10, device=DEV).transpose(2, 3)
     rv, ri = R.topk_compact_ref(x, 7, "spatial", None, True)
-    values, indices = OPS_NS.topk_compact_cuda(x, 7, "spatial", None, True)
+    values, indices = OPS_NS.topk_compact(x, 7, "spatial", None, True)
     assert torch.equal(indices, ri) and torch.equal(values, rv)
 
 
@@ -159,10 +159,10 @@ def test_layout(shape, k, mode, dtype, index_dtype):
     x = torch.randn(shape, device=DEV).to(dtype)
     rv, ri = R.topk_compact_ref(x, k, mode)
     idx = ri.to(index_dtype)
-    dense = OPS_NS.compact_to_dense_cuda(rv, idx, mode, list(shape))
+    dense = OPS_NS.compact_to_dense(rv, idx, mode, list(shape))
     assert torch.equal(dense, R.compact_to_dense_ref(rv, ri, mode, shape))
     other = torch.randn(shape, device=DEV).to(dtype)
-    assert torch.equal(OPS_NS.compact_gather_cuda(other, idx, mode), R.compact_gather_ref(other, ri, mode))
+    assert torch.equal(OPS_NS.compact_gather(other, idx, mode), R.compact_gather_ref(other, ri, mode))
 
 
 # ---- sparse transposed convolution ----------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def _tol(dtype, torch_err):
 
 def _run_conv(c, values, indices, bias):
     geo = c["geo"]
-    return OPS_NS.sparse_conv_transpose2d_cuda(values, indices, c["mode"], list(c["in_shape"]), c["w_lo"], bias,
+    return OPS_NS.sparse_conv_transpose2d(values, indices, c["mode"], list(c["in_shape"]), c["w_lo"], bias,
                                                geo["stride"], geo["padding"], geo["output_padding"])
 
 
@@ -276,11 +276,11 @@ def test_conv_gradients(case, dtype):
     tol_w = _tol(dtype, rel_err(gw_t, ref_gw))
 
     def input_grad():
-        return OPS_NS.sparse_conv_transpose2d_input_grad_cuda(gout_lo, i, mode, in_shape, c["w_lo"], geo["stride"],
+        return OPS_NS.sparse_conv_transpose2d_input_grad(gout_lo, i, mode, in_shape, c["w_lo"], geo["stride"],
                                                               geo["padding"])
 
     def weight_grad(values, indices):
-        return OPS_NS.sparse_conv_transpose2d_weight_grad_cuda(gout_lo, values, indices, mode, in_shape,
+        return OPS_NS.sparse_conv_transpose2d_weight_grad(gout_lo, values, indices, mode, in_shape,
                                                                list(c["w_lo"].shape), geo["stride"], geo["padding"])
 
     gv = input_grad()
@@ -302,9 +302,9 @@ def test_conv_bad_arguments():
     i = torch.zeros(2, 3, 4, device=DEV, dtype=torch.int16)
     w = torch.randn(3, 5, 3, 3, device=DEV)
     with pytest.raises(ValueError, match="input channels"):  # weight's Cin differs from the input's
-        OPS_NS.sparse_conv_transpose2d_cuda(v, i, "spatial", [2, 3, 3, 3], torch.randn(4, 5, 3, 3, device=DEV), None,
+        OPS_NS.sparse_conv_transpose2d(v, i, "spatial", [2, 3, 3, 3], torch.randn(4, 5, 3, 3, device=DEV), None,
                                             [1], [0], [0])
     with pytest.raises(TypeError):
-        OPS_NS.sparse_conv_transpose2d_cuda(v, i, "spatial", [2, 3, 3, 3], w.double(), None, [1], [0], [0])
+        OPS_NS.sparse_conv_transpose2d(v, i, "spatial", [2, 3, 3, 3], w.double(), None, [1], [0], [0])
     with pytest.raises(ValueError):  # values not [N, G, k] for the mode
-        OPS_NS.sparse_conv_transpose2d_cuda(v, i, "channel", [2, 3, 3, 3], w, None, [1], [0], [0])
+        OPS_NS.sparse_conv_transpose2d(v, i, "channel", [2, 3, 3, 3], w, None, [1], [0], [0])

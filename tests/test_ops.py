@@ -403,6 +403,24 @@ def opcheck_samples(device):
     return samples
 
 
+def test_op_registry_matches_the_compiled_schemas():
+    """One registry: ops.SCHEMAS declares every op as csrc/sparsegen.cpp does (the C++ block defines the ops
+    whenever the extension is built); the internal CUDA provider ops have the public kernel ops' schemas."""
+    from sparsegen_kernels._loader import load_error
+
+    if load_error() is not None:
+        pytest.skip(f"the compiled extension is not loaded: {load_error()}")
+    registered = {name for name in dir(torch.ops.sparsegen) if not name.startswith("_")}
+    assert set(ops.SCHEMAS) <= registered
+    for name, schema in ops.SCHEMAS.items():
+        assert ops._op(name)._schema == torch._C.parse_schema(f"sparsegen::{name}{schema}"), name
+    for name in ("topk_compact", "topk_mask", "compact_to_dense", "compact_gather", "sparse_conv_transpose2d",
+                 "sparse_conv_transpose2d_input_grad", "sparse_conv_transpose2d_weight_grad"):
+        provider = getattr(torch.ops._sparsegen_cuda, name).default._schema
+        assert provider == torch._C.parse_schema(f"_sparsegen_cuda::{name}{ops.SCHEMAS[name]}"), name
+    assert not [n for n in dir(torch.ops.sparsegen) if n.endswith("_cuda")], "provider ops in the public namespace"
+
+
 @on_devices
 def test_opcheck(device):
     samples = opcheck_samples(device)

@@ -598,8 +598,8 @@ at::Tensor sparse_conv_transpose2d_weight_grad_cuda(const at::Tensor& grad_out_i
 }  // namespace cuda
 }  // namespace sparsegen
 
-TORCH_LIBRARY_IMPL(sparsegen, CUDA, m) {
-  m.impl("sparse_conv_transpose2d_cuda", &sparsegen::cuda::sparse_conv_transpose2d_cuda);
-  m.impl("sparse_conv_transpose2d_input_grad_cuda", &sparsegen::cuda::sparse_conv_transpose2d_input_grad_cuda);
-  m.impl("sparse_conv_transpose2d_weight_grad_cuda", &sparsegen::cuda::sparse_conv_transpose2d_weight_grad_cuda);
+TORCH_LIBRARY_IMPL(_sparsegen_cuda, CUDA, m) {
+  m.impl("sparse_conv_transpose2d", &sparsegen::cuda::sparse_conv_transpose2d_cuda);
+  m.impl("sparse_conv_transpose2d_input_grad", &sparsegen::cuda::sparse_conv_transpose2d_input_grad_cuda);
+  m.impl("sparse_conv_transpose2d_weight_grad", &sparsegen::cuda::sparse_conv_transpose2d_weight_grad_cuda);
 }

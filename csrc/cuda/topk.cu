@@ -388,9 +388,9 @@ at::Tensor compact_gather_cuda(const at::Tensor& dense_in, const at::Tensor& ind
 }  // namespace cuda
 }  // namespace sparsegen
 
-TORCH_LIBRARY_IMPL(sparsegen, CUDA, m) {
-  m.impl("topk_compact_cuda", &sparsegen::cuda::topk_compact_cuda);
-  m.impl("topk_mask_cuda", &sparsegen::cuda::topk_mask_cuda);
-  m.impl("compact_to_dense_cuda", &sparsegen::cuda::compact_to_dense_cuda);
-  m.impl("compact_gather_cuda", &sparsegen::cuda::compact_gather_cuda);
+TORCH_LIBRARY_IMPL(_sparsegen_cuda, CUDA, m) {
+  m.impl("topk_compact", &sparsegen::cuda::topk_compact_cuda);
+  m.impl("topk_mask", &sparsegen::cuda::topk_mask_cuda);
+  m.impl("compact_to_dense", &sparsegen::cuda::compact_to_dense_cuda);
+  m.impl("compact_gather", &sparsegen::cuda::compact_gather_cuda);
 }
