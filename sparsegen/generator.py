@@ -159,12 +159,11 @@ class SparseGenerator(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def _select(self, name: str, x: Tensor, bias: Optional[Tensor]) -> Activation:
-        """ReLU(x + bias), then the top-k of layer ``name`` when sparse."""
-        if bias is not None and bias.dtype != x.dtype:  # autocast: the conv ran in lower precision
-            bias = bias.to(x.dtype)
+        """ReLU(x + bias), then the top-k of layer ``name`` when sparse. (Under autocast the kernels cast their
+        inputs to one dtype themselves.)"""
         if not self.sparse:
             if bias is not None:
-                x = x + bias.view(1, -1, 1, 1)
+                x = x + bias.to(x.dtype).view(1, -1, 1, 1)
             return F.relu(x)
         k, mode = self.layer_topk[name]
         if self.use_kernels:
@@ -178,25 +177,17 @@ class SparseGenerator(nn.Module):
     def _upconv(self, m: sk.SparseUpsampleConv2d, a: Activation) -> Tensor:
         """Nearest x2 upsampling + 3x3 conv of ``a`` (compact input consumed directly by the kernel; dense input
         as :attr:`dense_upsample` says)."""
-        dt = a.dtype
         if self.sparse and self.use_kernels:
-            if dt == m.weight.dtype:
-                return m(a)
-            bias = None if m.bias is None else m.bias.to(dt)
-            return sk.sparse_upsample_conv2d(a, m.weight.to(dt), bias)
+            return m(a)
         if self.dense_upsample == "folded":
             return F.conv_transpose2d(a, sk.fold_upsample_weight(m.weight), m.bias, stride=2, padding=1)
         return F.conv2d(F.interpolate(a, scale_factor=2, mode="nearest"), m.weight, m.bias, padding=1)
 
     def _deconv(self, m: sk.SparseConvTranspose2d, a: Activation, with_bias: bool) -> Tensor:
         bias = m.bias if with_bias else None
-        w = m.weight
-        if w.dtype != a.dtype:
-            w = w.to(a.dtype)
-            bias = None if bias is None else bias.to(a.dtype)
         if self.sparse and self.use_kernels:
-            return sk.sparse_conv_transpose2d(a, w, bias, m.stride, m.padding, m.output_padding)
-        return F.conv_transpose2d(a, w, bias, m.stride, m.padding, m.output_padding)
+            return sk.sparse_conv_transpose2d(a, m.weight, bias, m.stride, m.padding, m.output_padding)
+        return F.conv_transpose2d(a, m.weight, bias, m.stride, m.padding, m.output_padding)
 
     def _fc_map(self, z: Tensor) -> Tensor:
         if z.dim() != 2 or z.shape[1] != self.config.z_dim:
@@ -210,8 +201,7 @@ class SparseGenerator(nn.Module):
         if self.config.arch == "cvpr":
             blk = self.blocks[i - 1]
             h = F.relu(self._upconv(blk.up, a))
-            w = blk.conv.weight if blk.conv.weight.dtype == h.dtype else blk.conv.weight.to(h.dtype)
-            return self._select(name, F.conv2d(h, w, None, padding=1), blk.conv.bias)
+            return self._select(name, F.conv2d(h, blk.conv.weight, None, padding=1), blk.conv.bias)
         m = self.deconvs[i - 1]
         return self._select(name, self._deconv(m, a, with_bias=False), m.bias)
 

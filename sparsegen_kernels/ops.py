@@ -492,3 +492,36 @@ def register() -> None:
     for name in OP_NAMES:
         torch.library.register_kernel(f"{_LIB}::{name}", "cuda",
                                      backend.cuda_dispatcher(name, _contiguous_outputs(_REFERENCE_KERNELS[name])))
+
+    global _AUTOCAST_LIB
+    _AUTOCAST_LIB = torch.library.Library(_LIB, "IMPL")
+    for name in OP_NAMES:
+        for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+            _AUTOCAST_LIB.impl(name, _autocast_kernel(name, device_type, key), key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autocast: under torch.autocast the ops run in one floating dtype, as PyTorch's own convolutions do, so the
+# model code needs no casts. On a GPU that is the autocast dtype (bfloat16 / float16); the CPU kernels take
+# float32 and float64, so on the CPU half-precision inputs are widened to float32. float64 is never cast.
+# ---------------------------------------------------------------------------------------------------
+_AUTOCAST_LIB = None
+
+
+def _autocast_kernel(name: str, device_type: str, key: str):
+    op = _op(name)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
+
+        def cast(a):
+            if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64 and a.dtype != dtype:
+                return a.to(dtype)
+            return a
+
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*(cast(a) for a in args))
+
+    kernel.__name__ = f"{name}_autocast_{device_type}"
+    return kernel

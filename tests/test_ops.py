@@ -549,3 +549,38 @@ def test_property_sparse_conv(Cin, Cout, H, W, kh, kw, s, p, mode, kfrac):
     w = torch.randn(Cin, Cout, kh, kw, dtype=torch.float64)
     expected = F.conv_transpose2d(sa.to_dense(), w, stride=s, padding=p)
     torch.testing.assert_close(sk.sparse_conv_transpose2d(sa, w, None, s, p), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_autocast_on_the_cpu_widens_half_inputs_for_the_float32_kernels():
+    """Under CPU autocast the ops take bfloat16 activations and float32 parameters together and compute in
+    float32 (the CPU kernels' precision), with gradients reaching the float32 parameters."""
+    x = torch.randn(2, 8, 4, 4).bfloat16()
+    w = torch.randn(5, 8, 3, 3, dtype=torch.float32, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sa = sk.topk_compact(x, 4, "spatial", bias=b[:1].expand(8).contiguous(), relu=True)
+        out = sk.sparse_upsample_conv2d(sa, w, b)
+    assert sa.values.dtype == out.dtype == torch.float32
+    expected = reference.sparse_upsample_conv2d_ref(
+        reference.topk_mask_ref(x.float(), 4, "spatial", b[:1].expand(8).detach(), True), w.detach(), b.detach())
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_a_gpu_runs_the_ops_in_the_autocast_dtype(dtype):
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    w = torch.randn(5, 8, 3, 3, device="cuda", requires_grad=True)
+    b = torch.randn(5, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=dtype):
+        sa = sk.topk_compact(x, 4, "spatial", relu=True)
+        out = sk.sparse_upsample_conv2d(sa, w, b)
+    assert sa.values.dtype == out.dtype == dtype
+    expected = reference.sparse_upsample_conv2d_ref(reference.topk_mask_ref(x.to(dtype), 4, "spatial", None, True),
+                                                    w.detach().to(dtype), b.detach().to(dtype))
+    torch.testing.assert_close(out.detach().float(), expected.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
