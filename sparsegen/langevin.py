@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator, Optional, Union
 
+import sparsegen_kernels as sk
 import torch
 from torch import Tensor, nn
 
@@ -69,7 +70,9 @@ def langevin_infer(generator: GeneratorLike, images: Tensor, z: Tensor, *, n_ste
     images = images.detach()
     z = z.detach().clone()
     half = 0.5 * step_size ** 2
-    with frozen(generator), torch.enable_grad():
+    # The weights are frozen for the whole loop, so each upsample-conv folds its weight once for all steps.
+    reuse_folds = sk.fold_cache(generator) if isinstance(generator, nn.Module) else contextlib.nullcontext()
+    with frozen(generator), reuse_folds, torch.enable_grad():
         for _ in range(n_steps):
             z.requires_grad_(True)
             (grad,) = torch.autograd.grad(log_joint(generator, images, z, sigma).sum(), z)

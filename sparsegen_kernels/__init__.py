@@ -12,7 +12,7 @@ from . import ops as _ops
 from .backend import get_backend, set_backend
 from .ops import cpu_reference_fallbacks
 from .functional import sparse_conv_transpose2d, sparse_upsample_conv2d, topk_compact, topk_mask
-from .modules import SparseConvTranspose2d, SparseUpsampleConv2d, TopK
+from .modules import SparseConvTranspose2d, SparseUpsampleConv2d, TopK, fold_cache
 from .geometry import fold_upsample_weight
 from .sparse_activation import SparseActivation
 from .sparsify import TopKReLU, sparsify, sparsify_sites
@@ -26,6 +26,7 @@ __all__ = [
     "TopK",
     "TopKReLU",
     "cpu_reference_fallbacks",
+    "fold_cache",
     "fold_upsample_weight",
     "get_backend",
     "set_backend",

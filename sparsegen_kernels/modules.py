@@ -5,7 +5,8 @@ between them.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +45,8 @@ class SparseUpsampleConv2d(nn.Conv2d):
 
     Same parameters and ``state_dict`` as ``nn.Conv2d(in_channels, out_channels, 3, padding=1)``:
     ``weight [Cout, Cin, 3, 3]``, ``bias [Cout]``. ``forward(inp)`` takes a :class:`SparseActivation`
-    or a dense ``[N, Cin, H, W]`` tensor and returns ``[N, Cout, 2H, 2W]``. When no gradient can reach
-    the weight (inference, Langevin inference of the latents) and the same weight is used a second time,
-    the folded weight is cached until the weight changes.
+    or a dense ``[N, Cin, H, W]`` tensor and returns ``[N, Cout, 2H, 2W]``. The weight is read afresh at every
+    call; inside :func:`fold_cache` a forward that cannot train the weight reuses one fold of it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True,
@@ -54,41 +54,52 @@ class SparseUpsampleConv2d(nn.Conv2d):
         if kernel_size != 3:
             raise ValueError(f"SparseUpsampleConv2d supports kernel_size=3, got {kernel_size}")
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias, device=device, dtype=dtype)
-        self._folded_cache: Optional[tuple] = None  # (weight key, folded weight)
-        self._folded_seen: Optional[tuple] = None  # key of the last weight folded without caching
+        self._fold_cached = False  # inside fold_cache(...)
+        self._folded: Optional[Tensor] = None  # the fold reused there
 
     def folded_weight(self) -> Tensor:
         """The folded ``[Cin, Cout, 4, 4]`` stride-2 transposed-conv weight (differentiable)."""
         return fold_upsample_weight(self.weight)
 
-    def _cached_folded_weight(self) -> Optional[Tensor]:
-        """The folded weight for a forward that cannot train the weight, else None (fold inside the op).
-
-        The fold is cached from the second use of the same weight on (Langevin's steps reuse it), not on the
-        first: a single no-grad forward (the critic step's samples) then leaves no 16/9-size copy of the weight
-        alive (for the FC layer, 3200x512x16 floats). A forward that trains the weight drops the cache.
-        """
-        w = self.weight
-        if torch.compiler.is_compiling():
+    def _reused_fold(self) -> Optional[Tensor]:
+        """Inside :func:`fold_cache`, for a forward that cannot train the weight: the weight folded once for the
+        block. Otherwise None: the op folds (or reads the 3x3 weight) itself."""
+        if not self._fold_cached or (torch.is_grad_enabled() and self.weight.requires_grad):
             return None
-        if torch.is_grad_enabled() and w.requires_grad:
-            self._folded_cache = self._folded_seen = None
-            return None
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._folded_cache is not None and self._folded_cache[0] == key:
-            return self._folded_cache[1]
-        self._folded_cache = None  # free a stale copy before folding the new one
-        folded = fold_upsample_weight(w.detach())
-        if self._folded_seen == key:
-            self._folded_cache = (key, folded)
-        self._folded_seen = key
-        return folded
+        if self._folded is None:
+            self._folded = fold_upsample_weight(self.weight.detach())
+        return self._folded
 
     def forward(self, inp) -> Tensor:  # type: ignore[override]
-        return SF.sparse_upsample_conv2d(inp, self.weight, self.bias, folded_weight=self._cached_folded_weight())
+        return SF.sparse_upsample_conv2d(inp, self.weight, self.bias, folded_weight=self._reused_fold())
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, upsample=2 (nearest), kernel_size=3, padding=1"
+
+
+@contextlib.contextmanager
+def fold_cache(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every :class:`SparseUpsampleConv2d` in ``module`` folds its weight once and reuses the
+    fold in the forwards that cannot train the weight (no grad, or a frozen weight: inference and Langevin
+    inference of the latents, where the FC layer's fold would otherwise be redone at every step).
+
+    The weights must not change inside the block (no optimizer step, ``.data`` edit, ``load_state_dict`` or
+    ``.to()``): the fold is not checked against them. Leaving the block drops the folds. Blocks nest.
+
+        with sk.fold_cache(generator), torch.no_grad():
+            images = [generator(z) for z in latents]
+    """
+    layers = [m for m in module.modules() if isinstance(m, SparseUpsampleConv2d)]
+    outer = [m._fold_cached for m in layers]
+    for m in layers:
+        m._fold_cached = True
+    try:
+        yield module
+    finally:
+        for m, was in zip(layers, outer):
+            m._fold_cached = was
+            if not was:
+                m._folded = None
 
 
 class SparseConvTranspose2d(nn.ConvTranspose2d):

@@ -140,7 +140,7 @@ class _SparseUpsampleConv2dBiasInTopK(SparseUpsampleConv2d):
     """:class:`SparseUpsampleConv2d` whose bias is added by the following :class:`TopKReLU`."""
 
     def forward(self, inp) -> Tensor:  # type: ignore[override]
-        return SF.sparse_upsample_conv2d(inp, self.weight, None, folded_weight=self._cached_folded_weight())
+        return SF.sparse_upsample_conv2d(inp, self.weight, None, folded_weight=self._reused_fold())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", bias added by the next top-k"
