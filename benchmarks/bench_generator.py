@@ -60,7 +60,7 @@ for one training-style forward + backward (``out.float().square().mean()``, grad
     python benchmarks/bench_generator.py --device cuda --dtype bfloat16 --budget 150 --profile
 
 Results: each run is appended to ``benchmarks/results/generator_<device>[_<dtype>][_quick].json``
-(``common.write_results``; the dtype is named unless float32); ``.md`` (the table) and ``.png`` (the plot) show
+(``common.save_run``; the dtype is named unless float32); ``.md`` (the table) and ``.png`` (the plot) show
 the latest. While running, ``.partial.json`` holds what has been measured so far (an interrupted run keeps it;
 ``--replot`` draws it).
 """
@@ -68,25 +68,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
-import json
-import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 import traceback
-import warnings
 from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (benchmarks/common.py: environment and result files shared by the benchmarks)
-from common import RESULTS, ROOT  # noqa: E402
+import common  # noqa: E402  (benchmarks/common.py: the benchmark library)
+from common import TARGET_S, Budget, MemoryMeter, capture_graph, error_text, find_row, memory_ratios  # noqa: E402
 
 PROVIDERS = ("dense", "dense_folded", "dense_compile", "masked", "sparse", "sparse_compile",
              "dense_graph", "dense_folded_graph", "sparse_graph")
@@ -96,9 +88,6 @@ WORKLOADS = ("forward", "langevin", "train_iter")
 GRAPH_WORKLOADS = ("forward", "langevin")
 PROFILED = ("dense", "dense_folded", "sparse")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-GRAPH_WARMUP = 3  # calls on a side stream before a capture
-TARGET_S = 0.02  # a GPU timing run lasts about this long (back-to-back calls)
-MAX_CALLS = 200
 
 
 def mode_of(provider: str) -> str:
@@ -129,246 +118,6 @@ def applies(provider: str, workload_name: str, gpu: bool, compile_everywhere: bo
     if mode == "compile" and gpu and not compile_everywhere:
         return workload_name == "forward"
     return True
-
-
-def error_text(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines() or [""]
-    return f"{type(exc).__name__}: {lines[0][:300]}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Environment
-# ---------------------------------------------------------------------------------------------------
-def import_kernels() -> list:
-    """Import ``sparsegen_kernels``; return the ops that fell back to the pure-PyTorch references."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        import sparsegen_kernels  # noqa: F401
-    missing = []
-    for w in caught:
-        msg = str(w.message)
-        if "no compiled CPU kernel" in msg:
-            missing = [s.strip(" '[]") for s in msg.split("for ", 1)[1].split(";")[0].split(",")]
-        elif "could not be loaded" in msg:
-            missing = ["all (sparsegen_kernels._C not loaded)"]
-    return missing
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device, fallback_ops: list, dtype: str = "float32", tf32: bool = False) -> dict:
-    """:func:`common.environment` (device name, torch / triton versions, date) plus the kernel status, versions,
-    commit and the precision of the run."""
-    import numpy
-
-    import sparsegen_kernels as sk
-
-    info = common.environment(device.type)
-    info.update({
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "numpy": numpy.__version__,
-        "sparsegen_kernels": getattr(sk, "__version__", None),
-        "git_commit": _git_commit(),
-        "reference_fallback_ops": fallback_ops,
-        "dtype": dtype,
-        "tf32": tf32,
-    })
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-        info["gpu_backend"] = sk.get_backend()
-        info["device_capability"] = list(torch.cuda.get_device_capability(device))
-    return info
-
-
-def save_run(run: dict, stem: str, final: bool, markdown: Callable[[dict], str]) -> Optional[str]:
-    """While running: ``<stem>.partial.json`` (this run only). At the end: the run is appended to
-    ``<stem>.json`` (:func:`common.write_results`; earlier runs are kept), ``<stem>.md`` gets its table and the
-    partial file goes."""
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    partial = stem + ".partial.json"
-    if not final:
-        with open(partial, "w") as f:
-            json.dump(run, f, indent=1)
-        return None
-    extra = {k: v for k, v in run.items() if k not in ("benchmark", "rows", "quick")}
-    path = common.write_results(run["benchmark"], run["rows"], run["environment"]["device"], out=stem + ".json",
-                                extra=extra, quick=run.get("quick", False))
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(run) + "\n")
-    if os.path.exists(partial):
-        os.remove(partial)
-    return path
-
-
-def load_last_run(path: str) -> dict:
-    """The last run of a results file (``{"runs": [...]}``) or a partial file (one run)."""
-    with open(path) as f:
-        data = json.load(f)
-    return data["runs"][-1] if "runs" in data else data
-
-
-def replot(path: str, markdown, draw) -> dict:
-    """Redraw the table (``.md``, from ``markdown(run)``) and plot (``.png``, ``draw(run, png_path)``) of a
-    results file's last run, beside the file."""
-    run = load_last_run(path)
-    stem = path[:-len(".partial.json")] if path.endswith(".partial.json") else os.path.splitext(path)[0]
-    table = markdown(run)
-    with open(stem + ".md", "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"plot: {draw(run, stem + '.png')}")
-    return run
-
-
-# ---------------------------------------------------------------------------------------------------
-# Timing and memory
-# ---------------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call of ``fn`` (synchronised on a GPU)."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-class MemoryMeter:
-    """Memory allocated during a block above what was allocated at its start: ``peak`` and ``held`` (bytes).
-
-    CPU: sums the allocation / free events of ``torch.profiler`` (``profile_memory=True``) in time order.
-    GPU: ``torch.cuda.max_memory_allocated`` / ``memory_allocated``.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = self.held = 0
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-            self.held = torch.cuda.memory_allocated(self.device) - self._base
-            return False
-        self._prof.__exit__(*exc)
-        events = [e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"
-                  and e.device_type() == torch.autograd.DeviceType.CPU]
-        cur = peak = 0
-        for e in sorted(events, key=lambda e: e.start_ns()):
-            cur += e.nbytes()
-            peak = max(peak, cur)
-        self.peak, self.held = peak, cur
-        return False
-
-
-MB = 1024.0 ** 2
-
-
-def time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` over ``calls`` back-to-back calls: CUDA events on a GPU (the device is idle
-    when the first event is recorded), the wall clock on a CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls
-
-
-def count_host_syncs(fn: Callable[[], object]) -> int:
-    """Host synchronisations during one call of ``fn`` on a GPU, as ``torch.cuda``'s sync debug mode sees them
-    (``.item()``, pageable host-to-device copies, stream / device synchronisation, ...)."""
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
-
-
-def capture_graph(call: Callable[[], object], device: torch.device) -> tuple:
-    """``(replay, peak_bytes)``: one ``call()`` captured in a CUDA graph and its replay (returning the graph's
-    static output); ``peak_bytes``: the memory the captured call allocated at its peak.
-
-    ``call`` must read only tensors that stay alive (its static inputs). A call that synchronises with the
-    host cannot be captured: refused here (``RuntimeError``) before any capture is attempted, from the count of
-    :func:`count_host_syncs` and a call in the sync debug mode ``"error"`` (which raises in any thread).
-    """
-    syncs = count_host_syncs(call)
-    if syncs:
-        raise RuntimeError(f"not capturable: {syncs} host synchronisation(s) per call "
-                           "(torch.cuda sync debug mode; e.g. .item() or a pageable host-to-device copy)")
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        call()
-    except RuntimeError as exc:
-        raise RuntimeError(f"not capturable: a host synchronisation ({error_text(exc)})") from exc
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(GRAPH_WARMUP):
-            call()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            out = call()
-    except Exception as exc:
-        during = exc.__context__
-        raise RuntimeError(f"capture failed: {error_text(exc)}"
-                           + (f" (raised during the capture: {error_text(during)})" if during else "")) from exc
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-
-    def replay():
-        graph.replay()
-        return out
-
-    return replay, peak
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,40 +262,10 @@ def train_workload(trainer, batch: int, device: torch.device, seed: int = 0):
 # ---------------------------------------------------------------------------------------------------
 # Profile
 # ---------------------------------------------------------------------------------------------------
-def top_kernels(prof, gpu: bool, iterations: int, top: int = 25) -> dict:
-    """The ``top`` entries by total time of a finished ``torch.profiler.profile``, per iteration: GPU kernels
-    (and copies) by device time on a GPU, operators by self CPU time on a CPU."""
-    from torch.autograd import DeviceType
-
-    entries = []
-    for e in prof.key_averages():
-        if gpu:
-            if e.device_type != DeviceType.CUDA:
-                continue
-            us = getattr(e, "device_time_total", None)
-            if us is None:
-                us = getattr(e, "cuda_time_total", 0)
-        else:
-            if e.device_type != DeviceType.CPU:
-                continue
-            us = e.self_cpu_time_total
-        if us > 0:
-            entries.append((e.key, e.count, float(us)))
-    total = sum(us for _, _, us in entries)
-    entries.sort(key=lambda t: -t[2])
-    return {"time": "device" if gpu else "self CPU", "total_us": total / iterations, "distinct": len(entries),
-            "top": [{"name": name[:80], "calls": count / iterations, "total_us": us / iterations,
-                     "pct": 100.0 * us / total if total else 0.0} for name, count, us in entries[:top]]}
-
-
 def profile_generators(gens: dict, batch: int, device: torch.device, dtype: torch.dtype,
                        iterations: int = 3) -> dict:
     """``torch.profiler`` of ``forward`` (no grad) and one training-style forward + backward
     (``out.float().square().mean()``, gradients of the parameters) per provider of ``gens``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    gpu = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     out = {"batch": batch, "iterations": iterations, "dtype": str(dtype).replace("torch.", ""), "providers": {}}
     for p, gen in gens.items():
         z, _ = static_inputs(gen, batch, device, dtype)
@@ -562,48 +281,12 @@ def profile_generators(gens: dict, batch: int, device: torch.device, dtype: torc
 
         phases = {}
         for phase, fn in (("forward", forward), ("forward_backward", forward_backward)):
-            try:
-                fn()
-                sync(device)
-                with profile(activities=activities) as prof:
-                    for _ in range(iterations):
-                        fn()
-                    sync(device)
-                phases[phase] = top_kernels(prof, gpu, iterations)
-                if gpu and not phases[phase]["top"]:
-                    phases[phase]["note"] = "no device activity recorded (CUPTI unavailable?)"
-            except Exception as exc:  # noqa: BLE001  (a diagnostic; never stops the benchmark)
-                phases[phase] = {"error": error_text(exc)}
+            phases[phase] = common.profile_call(fn, device, iterations)
             print(f"  profile {phase:16s} B={batch:<4d} {p:15s} " + (
                 f"{phases[phase]['total_us']:10.1f} us {phases[phase]['time']} time per call"
                 if "total_us" in phases[phase] else phases[phase].get("error", "")), flush=True)
         out["providers"][p] = phases
     return out
-
-
-def profile_markdown(prof: dict, title: str) -> str:
-    lines = [f"# {title}", ""]
-    if prof.get("skipped") or prof.get("error"):
-        return "\n".join(lines + [f"Not profiled: {prof.get('skipped') or prof.get('error')}"])
-    lines += [f"Batch {prof['batch']}, {prof['dtype']}; figures per call, over {prof['iterations']} profiled calls "
-              "after one warm-up. GPU: kernels (and copies) by device time; CPU: operators by self CPU time.", ""]
-    for phase, what in (("forward", "forward (no grad)"),
-                        ("forward_backward", "forward + backward (loss = out.float().square().mean(), "
-                                             "gradients of the parameters)")):
-        lines += [f"## {what}", ""]
-        for p, phases in prof["providers"].items():
-            r = phases.get(phase, {})
-            if "top" not in r:
-                lines += [f"### {p}", "", f"error: {r.get('error', 'not run')}", ""]
-                continue
-            lines += [f"### {p}: {r['total_us']:.1f} us of {r['time']} time per call, {r['distinct']} distinct "
-                      "entries" + (f" ({r['note']})" if r.get("note") else ""), "",
-                      "| kernel | calls | total us | % |", "|---|---|---|---|"]
-            for k in r["top"]:
-                name = k["name"].replace("|", "\\|")
-                lines.append(f"| `{name}` | {k['calls']:.3g} | {k['total_us']:.1f} | {k['pct']:.1f} |")
-            lines.append("")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -614,25 +297,17 @@ def ratios(rows: list) -> None:
     ``speedup_vs_dense_folded`` (vs eager ``dense_folded``), ``speedup_vs_dense_same_mode`` (vs ``dense_graph``
     for a graph, ``dense_compile`` for a compiled provider, ``dense`` for an eager one) and the memory ratios vs
     ``dense``."""
-    def base_row(r, provider):
-        return next((x for x in rows if x["workload"] == r["workload"] and x["batch"] == r["batch"]
-                     and x["provider"] == provider and x.get("median_s")), None)
-
-    for r in rows:
-        if not r.get("median_s"):
-            continue
+    measured = [x for x in rows if x.get("median_s")]
+    for r in measured:
+        same_case = [x for x in measured if x["workload"] == r["workload"] and x["batch"] == r["batch"]]
         for key, provider in (("speedup_vs_dense", "dense"), ("speedup_vs_dense_folded", "dense_folded"),
                               ("speedup_vs_dense_same_mode", same_mode_dense(r["provider"]))):
-            b = base_row(r, provider)
+            b = find_row(same_case, provider=provider)
             if b is not None:
                 r[key] = b["median_s"] / r["median_s"]
-        b = base_row(r, "dense")
-        if b is None:
-            continue
-        if r.get("peak_mb") and b.get("peak_mb"):
-            r["peak_mem_ratio_vs_dense"] = b["peak_mb"] / r["peak_mb"]
-        if r.get("act_mb") and b.get("act_mb"):
-            r["act_mem_ratio_vs_dense"] = b["act_mb"] / r["act_mb"]
+        dense = find_row(same_case, provider="dense")
+        if dense is not None:
+            memory_ratios(r, dense)
 
 
 TABLE_NOTE = ("vs dense / vs dense_folded: speed-up over the eager `dense` / `dense_folded` provider at the same "
@@ -660,12 +335,8 @@ def markdown_table(rows: list) -> str:
 
 
 def plot(rows: list, path: str, title: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return None
     groups = []
     for r in rows:
@@ -691,11 +362,7 @@ def plot(rows: list, path: str, title: str) -> Optional[str]:
         if key == "speedup_vs_dense":
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path, title)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -728,14 +395,10 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="after the first batch size, torch.profiler tables of the top kernels of dense, "
                    "dense_folded and sparse (forward; forward + backward) in <stem>_profile.md")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--tf32", action="store_true", help="let float32 matrix products and convolutions use TF32 "
                    "on a GPU, dense and sparse alike (default: IEEE float32 for both)")
-    p.add_argument("--out", default=None, help="results path without extension "
-                   "(default benchmarks/results/generator_<device>[_<dtype>][_quick])")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--replot", metavar="JSON", help="only redraw the table (.md) and plot (.png) of a results "
-                   "file's last run")
+    common.add_run_args(p, "results path without extension "
+                        "(default benchmarks/results/generator_<device>[_<dtype>][_quick])")
     args = p.parse_args(argv)
     if args.replot:
         return args
@@ -756,15 +419,18 @@ def parse_args(argv=None):
 def plot_title(run: dict) -> str:
     env = run["environment"]
     settings = run["settings"]
-    return (f"{run['config']}, {env['device_name']} ({env['device']}, {env['torch_threads']} threads), "
+    return (f"{run['config']}, {common.describe(env)}, "
             f"{settings.get('dtype', 'float32')}{' tf32' if settings.get('tf32') else ''}, torch {env['torch']}, "
-            f"l_G={settings['langevin_steps_train_iter']} in train_iter"
-            + (" [reference fallbacks]" if env["reference_fallback_ops"] else ""))
+            f"l_G={settings['langevin_steps_train_iter']} in train_iter" + common.fallback_note(env))
 
 
 def _markdown(run: dict) -> str:
     ratios(run["rows"])
     return markdown_table(run["rows"])
+
+
+def draw(run: dict, png: str) -> Optional[str]:
+    return plot(run["rows"], png, plot_title(run))
 
 
 def progress_line(row: dict) -> str:
@@ -783,91 +449,14 @@ def progress_line(row: dict) -> str:
     return line
 
 
-class Budget:
-    def __init__(self, seconds: Optional[float]):
-        self.deadline = time.monotonic() + seconds if seconds else None
-
-    def spent(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-
-def measure_block(block: list, setups: dict, repeats: int, device: torch.device, budget: Budget) -> None:
-    """Warm up, time (round robin) and measure the memory of one workload at one batch size.
-
-    ``setups``: ``{provider: setup()}``, each returning a dict with ``run`` (one call), ``warmup`` (the first
-    call: compiles or captures), ``calls`` (None: from a timed call after the warm-up), ``memory`` (None: one
-    ``run`` under a :class:`MemoryMeter`; a callable returning ``{"peak_bytes", "act_bytes"}``) and optionally
-    ``peak_bytes`` (measured already) and ``host_syncs`` (bool: count them once).
-    """
-    gpu = device.type == "cuda"
-    runners = {}
-    rows = {row["provider"]: row for row in block}
-    # Set up eager providers first, then graphs, then the compiled ones (the slowest warm-ups, the first to go
-    # when the budget runs out); the rows keep the table's order.
-    for row in sorted(block, key=lambda r: ("eager", "graph", "compile").index(mode_of(r["provider"]))):
-        p = row["provider"]
-        if budget.spent():
-            row["skipped"] = "budget"
-            continue
-        try:
-            t0 = time.perf_counter()
-            r = setups[p]()
-            if r.get("warmup") is not None:
-                timed(r["warmup"], device)  # includes compilation
-            row["warmup_s"] = time.perf_counter() - t0
-            calls = r.get("calls")
-            if calls is None:
-                est = timed(r["run"], device)
-                calls = max(1, min(MAX_CALLS, math.ceil(TARGET_S / max(est, 1e-6)))) if gpu else 1
-            r["calls"] = row["calls_per_run"] = calls
-            if gpu and r.get("host_syncs"):
-                row["host_syncs"] = count_host_syncs(r["run"])
-            runners[p] = r
-        except Exception as exc:  # noqa: BLE001  (one provider failing must not stop the others)
-            row["error"] = error_text(exc)
-            print(f"  {row['workload']} B={row['batch']} {p}: {row['error']}", flush=True)
-    times = {p: [] for p in runners}
-    for _ in range(repeats):
-        for p, r in list(runners.items()):
-            try:
-                times[p].append(time_calls(r["run"], r["calls"], device))
-            except Exception as exc:  # noqa: BLE001
-                rows[p]["error"] = error_text(exc)
-                print(f"  {rows[p]['workload']} B={rows[p]['batch']} {p}: {rows[p]['error']}", flush=True)
-                del runners[p]
-    for p, r in runners.items():
-        row = rows[p]
-        row["times_s"] = times[p]
-        row["median_s"] = statistics.median(times[p])
-        row["min_s"] = min(times[p])
-        row["images_per_s"] = row["batch"] / row["median_s"]
-        try:
-            if r.get("peak_bytes") is not None:
-                row["peak_mb"] = r["peak_bytes"] / MB
-            elif r.get("memory") is None:
-                with MemoryMeter(device) as m:
-                    r["run"]()
-                row["peak_mb"] = m.peak / MB
-            else:
-                figures = r["memory"]()
-                row["peak_mb"] = figures["peak_bytes"] / MB
-                row["act_mb"] = figures["act_bytes"] / MB
-        except Exception as exc:  # noqa: BLE001
-            row["memory_error"] = error_text(exc)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.replot:
-        return replot(args.replot, _markdown, lambda run, png: plot(run["rows"], png, plot_title(run)))
-    device = torch.device(args.device)
+        return common.replot(args.replot, _markdown, draw)
+    device = common.start_device(args)
     gpu = device.type == "cuda"
-    if gpu and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
     if gpu and device.index is not None:
         torch.cuda.set_device(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     common.set_float32_precision(args.tf32)
     dtype = DTYPES[args.dtype]
     amp = args.dtype == "bfloat16"
@@ -885,11 +474,9 @@ def main(argv=None) -> dict:
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
 
-    fallback = import_kernels()
-    env = environment(device, fallback, args.dtype, args.tf32)
-    kind = "cuda" if gpu else "cpu"
+    env = common.environment(device, args.dtype, args.tf32)
     dtype_tag = "" if args.dtype == "float32" else "_" + args.dtype
-    stem = args.out or os.path.join(RESULTS, f"generator_{kind}{dtype_tag}{'_quick' if args.quick else ''}")
+    stem = args.out or common.default_stem("generator", env["device"], args.quick, dtype_tag)
     result = {"benchmark": "generator", "quick": args.quick, "config": args.config, "environment": env,
               "settings": {"batches": batches, "train_batches": train_batches, "repeats": repeats,
                            "train_repeats": train_repeats, "langevin_steps_train_iter": l_g,
@@ -906,11 +493,9 @@ def main(argv=None) -> dict:
                            "memory": "peak allocated above the start of the run (CPU: torch.profiler "
                                      "allocator events; GPU: max_memory_allocated; graphs: the captured call)"},
               "rows": []}
-    print(f"# generator benchmark: {args.config} on {env['device_name']} ({env['device']}, "
-          f"{env['torch_threads']} threads), torch {env['torch']}, {args.dtype}{' tf32' if args.tf32 else ''}, "
-          f"l_G={l_g} in train_iter", flush=True)
-    if fallback:
-        print(f"# WARNING: no compiled CPU kernel for {fallback}: the sparse providers run the slow references")
+    print(f"# generator benchmark: {args.config} on {common.describe(env)}, torch {env['torch']}, "
+          f"{args.dtype}{' tf32' if args.tf32 else ''}, l_G={l_g} in train_iter", flush=True)
+    common.warn_fallbacks(env, "the sparse providers run")
     skipped = [p for p in args.providers if not any(applies(p, w, gpu, args.compile_everywhere)
                                                     for w in args.workloads)]
     if gpu and not args.compile_everywhere and any(mode_of(p) == "compile" for p in args.providers):
@@ -971,7 +556,10 @@ def main(argv=None) -> dict:
                     for row in block:
                         setups[row["provider"]] = (lambda p=row["provider"]: sampling_setup(p))
                 try:
-                    measure_block(block, setups, train_repeats if wl == "train_iter" else repeats, device, budget)
+                    # Set up eager providers first, then graphs, then the compiled ones (the slowest warm-ups, the
+                    # first to go when the budget runs out); the rows keep the table's order.
+                    common.measure_block(block, setups, train_repeats if wl == "train_iter" else repeats, device,
+                                         budget, setup_rank=lambda p: ("eager", "graph", "compile").index(mode_of(p)))
                 except Exception as exc:  # noqa: BLE001  (keep what the other blocks measure)
                     for row in block:
                         if not row.get("median_s"):
@@ -982,8 +570,8 @@ def main(argv=None) -> dict:
                     if row.get("median_s"):
                         print(progress_line(row), flush=True)
                 del setups
-                env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-                save_run(result, stem, False, _markdown)
+                env["load_average_end"] = common.load_average()
+                common.save_run(result, stem, False, _markdown)
             trainers.clear()
             gc.collect()
             if gpu:
@@ -1001,19 +589,12 @@ def main(argv=None) -> dict:
                         result["profile"] = {"error": error_text(exc)}
                         traceback.print_exc()
                 os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-                with open(stem + "_profile.md", "w") as f:
-                    f.write(profile_markdown(result["profile"], title) + "\n")
+                common.write_text(stem + "_profile.md", common.profile_markdown(result["profile"], title))
                 print(f"profile: {stem}_profile.md", flush=True)
-                save_run(result, stem, False, _markdown)
+                common.save_run(result, stem, False, _markdown)
     finally:
-        results_path = save_run(result, stem, True, _markdown)
-    print()
-    print(_markdown(result))
-    if not args.no_plot:
-        path = plot(result["rows"], stem + ".png", plot_title(result))
-        if path:
-            print(f"plot: {os.path.relpath(path, ROOT)}")
-    print(f"results: {os.path.relpath(results_path, ROOT)} (this run appended)")
+        results_path = common.save_run(result, stem, True, _markdown)
+    common.report_run(result, stem, results_path, _markdown, draw, args.no_plot)
     return result
 
 

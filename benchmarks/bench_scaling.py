@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generator import (MB, RESULTS, ROOT, MemoryMeter, environment, import_kernels, replot,  # noqa: E402
-                             save_run, timed)
+import common  # noqa: E402  (benchmarks/common.py: the benchmark library)
+from common import MB, MemoryMeter, find_row, memory_ratios, peak_mb, ratio, round_robin, timed  # noqa: E402
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 QUICK_DENSITIES = (0.01, 0.05, 0.25, 0.5, 1.0)
@@ -48,19 +48,14 @@ RESOLUTIONS = {32: (512, 256), 64: (512, 256, 128), 128: (512, 256, 128, 64)}
 
 def measure(fns: dict, device, repeats: int) -> dict:
     """``{name: (run, memory_fn or None)}`` -> ``{name: row}``: warm-up, round-robin timing, then memory."""
-    out = {}
-    for name, (run, _) in fns.items():
+    for run, _ in fns.values():
         run()  # warm-up
-        out[name] = {"times_s": []}
-    for _ in range(repeats):
-        for name, (run, _) in fns.items():
-            out[name]["times_s"].append(timed(run, device))
+    times = round_robin({name: (lambda run=run: timed(run, device)) for name, (run, _) in fns.items()}, repeats)
+    out = {}
     for name, (run, held) in fns.items():
-        row = out[name]
+        row = out[name] = {"times_s": times[name]}
         row["median_s"] = statistics.median(row["times_s"])
-        with MemoryMeter(device) as m:
-            run()
-        row["peak_mb"] = m.peak / MB
+        row["peak_mb"] = peak_mb(run, device)
         if held is not None:
             row["act_mb"] = held() / MB
     return out
@@ -206,18 +201,20 @@ def resolution_sweep(device, batch, resolutions, repeats, log=print):
 # ---------------------------------------------------------------------------------------------------
 # Analysis
 # ---------------------------------------------------------------------------------------------------
+def dense_of(rows, r):
+    """The dense row of ``r``'s sweep, workload and resolution, or None."""
+    return find_row(rows, sweep=r["sweep"], provider="dense", workload=r["workload"], resolution=r.get("resolution"))
+
+
 def add_ratios(rows):
     for r in rows:
         if r["provider"] == "dense":
             continue
-        match = [b for b in rows if b["sweep"] == r["sweep"] and b["provider"] == "dense"
-                 and b["workload"] == r["workload"] and b.get("resolution") == r.get("resolution")]
-        if match:
-            b = match[0]
+        b = dense_of(rows, r)
+        if b is not None:
             r["speedup_vs_dense"] = b["median_s"] / r["median_s"]
-            r["peak_mem_ratio_vs_dense"] = b["peak_mb"] / r["peak_mb"] if r["peak_mb"] > 0 else None
-            if r.get("act_mb") and b.get("act_mb"):
-                r["act_mem_ratio_vs_dense"] = b["act_mb"] / r["act_mb"]
+            r["peak_mem_ratio_vs_dense"] = ratio(b["peak_mb"], r["peak_mb"])  # None where the row's peak is 0
+            memory_ratios(r, b)
 
 
 def analyse(rows):
@@ -262,8 +259,7 @@ def markdown(rows, summary) -> str:
     for r in rows:
         if r["provider"] != "sparse":
             continue
-        b = next(x for x in rows if x["sweep"] == r["sweep"] and x["provider"] == "dense"
-                 and x["workload"] == r["workload"] and x.get("resolution") == r.get("resolution"))
+        b = dense_of(rows, r)
         point = f"{r['resolution']} px" if r["sweep"] == "resolution" else f"{r['density']:.0%}"
         act = f"{b['act_mb']:.0f} / {r['act_mb']:.0f}" if r.get("act_mb") is not None and b.get("act_mb") else "-"
         lines.append(f"| {r['sweep']} | {r['workload']} | {point} | {b['median_s']:.4g} | {r['median_s']:.4g} | "
@@ -281,12 +277,8 @@ def markdown(rows, summary) -> str:
 
 
 def plot(rows, summary, path, title):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.3))
     for ax, sweep, label in ((axes[0], "layer", "one upsample+conv layer"), (axes[1], "density", "whole generator")):
@@ -339,24 +331,23 @@ def plot(rows, summary, path, title):
     ax.set_ylabel("dense / sparse (x)")
     ax.set_title("resolution (paper sparsity)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path, title)
 
 
 def plot_title(run: dict) -> str:
     env = run["environment"]
-    return (f"sparse vs dense scaling, {env['device_name']} ({env['device']}, {env['torch_threads']} threads), torch "
-            f"{env['torch']}, batch {run['settings']['batch']}"
-            + (" [reference fallbacks]" if env["reference_fallback_ops"] else ""))
+    return (f"sparse vs dense scaling, {common.describe(env)}, torch {env['torch']}, batch {run['settings']['batch']}"
+            + common.fallback_note(env))
 
 
 def _markdown(run: dict) -> str:
     add_ratios(run["rows"])
     run["summary"] = analyse(run["rows"])
     return markdown(run["rows"], run["summary"])
+
+
+def draw(run: dict, png: str):
+    return plot(run["rows"], run["summary"], png, plot_title(run))
 
 
 def main(argv=None):
@@ -369,21 +360,12 @@ def main(argv=None):
                    choices=["layer", "density", "resolution"])
     p.add_argument("--densities", type=float, nargs="+")
     p.add_argument("--resolutions", type=int, nargs="+", default=sorted(RESOLUTIONS), choices=sorted(RESOLUTIONS))
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=None)
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--replot", metavar="JSON", help="only redraw the table (.md) and plot (.png) of a results "
-                   "file's last run")
+    common.add_run_args(p, "results path without extension (default benchmarks/results/scaling_<device>[_quick])")
     args = p.parse_args(argv)
     if args.replot:
-        return replot(args.replot, _markdown,
-                      lambda run, png: plot(run["rows"], run["summary"], png, plot_title(run)))
-    device = torch.device(args.device)
+        return common.replot(args.replot, _markdown, draw)
+    device = common.start_device(args)
     gpu = device.type == "cuda"
-    if gpu and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     batch = args.batch or (4 if args.quick else (64 if gpu else 16))
     repeats = args.repeats or (1 if args.quick else (3 if gpu else 2))
     densities = tuple(args.densities or (QUICK_DENSITIES if args.quick else DENSITIES))
@@ -391,14 +373,10 @@ def main(argv=None):
         if not 0 < d <= 1:
             raise SystemExit(f"--densities: {d} is not in (0, 1]")
 
-    fallback = import_kernels()
-    env = environment(device, fallback)
-    kind = "cuda" if gpu else "cpu"
-    stem = args.out or os.path.join(RESULTS, f"scaling_{kind}{'_quick' if args.quick else ''}")
-    print(f"# scaling: {env['device_name']} ({env['device']}, {env['torch_threads']} threads), torch {env['torch']}, "
-          f"batch {batch}")
-    if fallback:
-        print(f"# WARNING: no compiled CPU kernel for {fallback}: the sparse side runs the slow references")
+    env = common.environment(device)
+    stem = args.out or common.default_stem("scaling", env["device"], args.quick)
+    print(f"# scaling: {common.describe(env)}, torch {env['torch']}, batch {batch}")
+    common.warn_fallbacks(env, "the sparse side runs")
     result = {"benchmark": "scaling", "quick": args.quick, "environment": env,
               "settings": {"batch": batch, "repeats": repeats, "densities": densities, "sweeps": args.sweeps,
                            "resolutions": args.resolutions, "dtype": "float32"},
@@ -406,7 +384,7 @@ def main(argv=None):
 
     def save(final=False):
         _markdown(result)  # ratios and summary
-        return save_run(result, stem, final, _markdown)
+        return common.save_run(result, stem, final, _markdown)
 
     t0 = time.perf_counter()
     if "layer" in args.sweeps:
@@ -421,15 +399,9 @@ def main(argv=None):
         result["rows"] += resolution_sweep(device, batch, args.resolutions, repeats)
         save()
     env["seconds"] = time.perf_counter() - t0
-    env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["load_average_end"] = common.load_average()
     results_path = save(final=True)
-    print()
-    print(_markdown(result))
-    if not args.no_plot:
-        path = plot(result["rows"], result["summary"], stem + ".png", plot_title(result))
-        if path:
-            print(f"plot: {os.path.relpath(path, ROOT)}")
-    print(f"results: {os.path.relpath(results_path, ROOT)} (this run appended)")
+    common.report_run(result, stem, results_path, _markdown, draw, args.no_plot)
     return result
 
 
