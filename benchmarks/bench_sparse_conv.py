@@ -24,14 +24,12 @@ directly. Ratios are of medians; rows also keep the fastest repeat (``ms_min``).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from backend_table import fastest_providers
-from common import (environment, fmt_ms, fmt_ratio, load_ops, parse_args, precision_note, providers, ratio, try_time,
-                    use_provider, write_results)
+from common import (Budget, default_batches, environment, fmt_ms, fmt_ratio, load_ops, parse_args, precision_note,
+                    providers, save_op_results, speedups, time_provider, warn_fallbacks)
 
 
 @dataclass(frozen=True)
@@ -77,15 +75,16 @@ def main() -> None:
     from sparsegen_kernels import geometry
     from sparsegen_kernels import reference as R
 
-    batches = args.batch or ([2] if args.quick else ([64, 256] if gpu else [16]))
+    batches = default_batches(args)
     cases = [c for c in CASES if not ((args.quick or gpu) and c.sweep)]
     names = providers(device)
     if gpu:
         names.insert(1, "dense_folded")
-    env = environment(device)
-    deadline = time.monotonic() + args.budget if args.budget else None
+    env = environment(device, args.dtype, args.tf32)
+    budget = Budget(args.budget)
     print(f"sparse upsample-conv on {env['device_name']} ({env['torch_threads']} threads), torch {env['torch']}, "
           f"batch {batches}, {args.dtype}{' (TF32 allowed)' if args.tf32 and args.dtype == 'float32' else ''}")
+    warn_fallbacks(env, "the sparsegen provider runs")
     print(f"{'case':44s} {'N':>4s} {'provider':12s} {'op':17s} {'ms':>9s} {'vs dense':>8s} {'vs folded':>9s} "
           f"{'TMAC/s*':>8s}")
     rows = []
@@ -93,7 +92,7 @@ def main() -> None:
     for N in batches:
         dense_ms = {}  # (Cin, Cout, H) -> {op: Timing}: the dense baselines do not depend on k
         for case in cases:
-            if deadline and time.monotonic() > deadline:
+            if budget.spent():
                 print(f"  (budget spent: {case.name} at batch {N} and later cases skipped)")
                 rows.append(dict(asdict(case), N=N, skipped="budget"))
                 continue
@@ -164,8 +163,7 @@ def main() -> None:
                     if prov in ("dense", "dense_folded") and op in dense_ms.get((key, prov), {}):
                         tm = dense_ms[(key, prov)][op]  # measured for an earlier case with the same layer
                     else:
-                        with use_provider(prov) as ok:
-                            tm = try_time(fn, device, args.quick) if ok else None
+                        tm = time_provider(prov, fn, device, args.quick)
                         if prov in ("dense", "dense_folded"):
                             dense_ms.setdefault((key, prov), {})[op] = tm
                     t = None if tm is None else tm.median
@@ -173,11 +171,8 @@ def main() -> None:
                     base_tm = dense_ms.get((key, "dense"), {}).get(base_op)
                     folded_tm = dense_ms.get((key, "dense_folded"), {}).get(base_op)
                     compared = op in ("fwd", "fwd_prefolded", "fwd+bwd") and prov != "dense"
-                    r = ratio(base_tm.median, t) if compared and base_tm is not None else None
-                    r_min = ratio(base_tm.min, tm.min) if compared and base_tm is not None and tm is not None \
-                        else None
-                    r_folded = ratio(folded_tm.median, t) if compared and prov != "dense_folded" \
-                        and folded_tm is not None else None
+                    r, r_min = speedups(base_tm, tm) if compared else (None, None)
+                    r_folded = speedups(folded_tm, tm)[0] if compared and prov != "dense_folded" else None
                     gmacs = None if t is None or macs is None else macs / t / 1e9
                     # Folded-equivalent rate: the folded dense MACs of the same work over the time (fwd+bwd: 3x).
                     fmacs = None
@@ -195,11 +190,7 @@ def main() -> None:
              "notes": "fwd runs the upsample-conv op on the 3x3 weight (fold included where the kernel folds); "
                       "fwd_prefolded the transposed conv with a weight folded once; fwd+bwd goes through the "
                       "autograd API. TMAC/s* = folded-equivalent MACs (2.25x fewer than upsample+3x3) per second."}
-    if gpu:
-        extra["fastest"] = fastest_providers("sparse_conv", rows, ROW_OPS)
-        print("fastest GPU provider per op:", extra["fastest"])
-    path = write_results("sparse_conv", rows, device, args.out, extra, quick=args.quick)
-    print(f"results: {path}")
+    save_op_results("sparse_conv", rows, env, args, extra, ROW_OPS)
 
 
 if __name__ == "__main__":

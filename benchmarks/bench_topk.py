@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from backend_table import fastest_providers
-from common import (environment, fmt_ms, fmt_ratio, load_ops, parse_args, precision_note, providers, ratio, try_time,
-                    use_provider, write_results)
+from common import (default_batches, environment, fmt_ms, fmt_ratio, load_ops, parse_args, precision_note, providers,
+                    save_op_results, speedups, time_provider, warn_fallbacks)
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,13 @@ def main() -> None:
     ops = load_ops()
     from sparsegen_kernels.baselines import topk_mask_torch_baseline
 
-    batches = args.batch or ([2] if args.quick else ([64, 256] if device == "cuda" else [16]))
+    batches = default_batches(args)
     names = providers(device)
-    env = environment(device)
+    env = environment(device, args.dtype, args.tf32)
     copy_gbs = copy_bandwidth() if device == "cuda" else None
     print(f"top-k on {env['device_name']} ({env['torch_threads']} threads), torch {env['torch']}, batch {batches}, "
           f"{args.dtype}" + (f"; device-to-device copy {copy_gbs:.0f} GB/s" if copy_gbs else ""))
+    warn_fallbacks(env, "the sparsegen provider runs")
     print(f"{'case':40s} {'N':>4s} {'provider':10s} {'op':8s} {'ms':>9s} {'vs dense':>8s} {'GB/s':>7s} {'% copy':>6s}")
     rows = []
     torch.manual_seed(0)
@@ -86,13 +86,11 @@ def main() -> None:
                 else [("mask", lambda: ops.topk_mask(x, case.k, case.mode, b, True)),
                       ("compact", lambda: ops.topk_compact(x, case.k, case.mode, b, True))]
             for op, fn in variants:
-                with use_provider(prov) as ok:
-                    tm = try_time(fn, device, args.quick) if ok else None
+                tm = time_provider(prov, fn, device, args.quick)
                 if prov == "dense":
                     base = tm
                 t = None if tm is None else tm.median
-                r = None if base is None else ratio(base.median, t)
-                r_min = None if base is None or tm is None else ratio(base.min, tm.min)
+                r, r_min = speedups(base, tm)
                 gbs = None if t is None else nbytes[op] / t / 1e9
                 pct = None if gbs is None or not copy_gbs else 100 * gbs / copy_gbs
                 print(f"{case.name:40s} {N:4d} {prov:10s} {op:8s} {fmt_ms(t)} {fmt_ratio(r)} "
@@ -101,12 +99,7 @@ def main() -> None:
                                  provider=prov, op=op, ms=None if t is None else t * 1e3,
                                  ms_min=None if tm is None else tm.min * 1e3, speedup_vs_dense=r,
                                  speedup_vs_dense_min=r_min, gb_per_s=gbs, pct_of_copy_bandwidth=pct))
-    extra = {**precision_note(args), "batches": batches, "copy_gb_per_s": copy_gbs}
-    if device == "cuda":
-        extra["fastest"] = fastest_providers("topk", rows)
-        print("fastest GPU provider per op:", extra["fastest"])
-    path = write_results("topk", rows, device, args.out, extra, quick=args.quick)
-    print(f"results: {path}")
+    save_op_results("topk", rows, env, args, {**precision_note(args), "batches": batches, "copy_gb_per_s": copy_gbs})
 
 
 if __name__ == "__main__":

@@ -293,14 +293,6 @@ def append_run(path: str, run: dict) -> str:
     return path
 
 
-def write_results(name: str, rows: list[dict], device: str, out: Optional[str] = None, extra: Optional[dict] = None,
-                  quick: bool = False) -> str:
-    """Append one run (environment + rows) to ``benchmarks/results/<name>_<device>[_quick].json`` or ``out``."""
-    return append_run(out or default_stem(name, device, quick) + ".json",
-                      {"benchmark": name, "environment": environment(device), "quick": quick, "rows": rows,
-                       **(extra or {})})
-
-
 def save_op_results(name: str, rows: list, env: dict, args: argparse.Namespace, extra: dict,
                     row_ops: Optional[dict] = None) -> str:
     """The end of a per-op run: on CUDA, the fastest GPU provider per op (``backend_table.fastest_providers``,
