@@ -56,14 +56,18 @@ def test_half_precision_on_cpu_is_refused_with_a_reason(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def _bench_generator():
+def _load(name):
+    """A module of benchmarks/ (``common``, ``bench_generator``), loaded from its file."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_generator", os.path.join(ROOT, "benchmarks",
-                                                                                  "bench_generator.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_generator():
+    return _load("bench_generator")
 
 
 def test_generator_benchmark_runs_every_workload_and_writes_a_profile(tmp_path):
@@ -130,3 +134,118 @@ def test_generator_benchmark_gpu_plan():
     assert r["sparse_compile"]["speedup_vs_dense_same_mode"] == 0.5
     table = bench.markdown_table(rows)
     assert "| forward | 64 | sparse_graph | 0.5 | 128.0 | 8.00x | 4.00x | 4.00x | - | - | - | - |" in table
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark library (benchmarks/common.py)
+# ---------------------------------------------------------------------------------------------------
+def test_append_run_keeps_earlier_runs_and_puts_the_common_keys_first(tmp_path):
+    common = _load("common")
+    path = tmp_path / "sub" / "r.json"
+    common.append_run(str(path), {"benchmark": "b", "rows": [{"x": 1}], "settings": {"s": 1}, "quick": True,
+                                  "environment": {"device": "cpu"}})
+    common.append_run(str(path), {"benchmark": "b", "environment": {}, "quick": False, "rows": []})
+    runs = json.loads(path.read_text())["runs"]
+    assert len(runs) == 2
+    assert list(runs[0]) == ["benchmark", "environment", "quick", "rows", "settings"]
+    assert runs[0]["rows"] == [{"x": 1}] and runs[1]["quick"] is False
+    path.write_text("not json")  # an unreadable file starts over
+    common.append_run(str(path), {"benchmark": "b", "environment": {}, "quick": False, "rows": []})
+    assert len(json.loads(path.read_text())["runs"]) == 1
+
+
+def test_save_run_keeps_a_partial_file_until_the_end_and_replot_redraws(tmp_path, capsys):
+    common = _load("common")
+    stem = str(tmp_path / "gen")
+    run = {"benchmark": "generator", "quick": True, "environment": {"device": "cpu"}, "rows": [{"t": 1.0}]}
+    table = lambda r: f"| rows | {len(r['rows'])} |"  # noqa: E731
+    assert common.save_run(run, stem, False, table) is None
+    assert json.loads((tmp_path / "gen.partial.json").read_text()) == run
+    assert not (tmp_path / "gen.json").exists()
+    run["rows"].append({"t": 2.0})
+    path = common.save_run(run, stem, True, table)
+    assert path == stem + ".json" and not (tmp_path / "gen.partial.json").exists()
+    assert json.loads((tmp_path / "gen.json").read_text())["runs"][-1]["rows"] == run["rows"]
+    assert (tmp_path / "gen.md").read_text() == "| rows | 2 |\n"
+    (tmp_path / "gen.md").unlink()
+    drawn = []
+    replayed = common.replot(path, table, lambda r, png: drawn.append(png) or png)
+    assert replayed["rows"] == run["rows"] and drawn == [stem + ".png"]
+    assert (tmp_path / "gen.md").read_text() == "| rows | 2 |\n"
+
+
+def test_environment_describes_the_machine_the_versions_and_the_run():
+    import torch
+
+    common = _load("common")
+    env = common.environment("cpu", "float64", False)
+    for key in ("date", "date_utc", "device_name", "cpu_model", "cpu_count", "torch_threads", "torch", "triton",
+                "python", "platform", "numpy", "sparsegen_kernels", "git_commit"):
+        assert key in env, key
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["dtype"] == "float64" and env["tf32"] is False
+    assert env["reference_fallback_ops"] == common.kernel_fallbacks()
+    assert "cuda" not in env and "cudnn" not in env  # CUDA and cuDNN versions are recorded on CUDA runs
+    assert common.environment(torch.device("cpu"))["device"] == "cpu"
+    json.dumps(env)  # goes into the results file as it is
+
+
+def test_reference_fallbacks_come_from_the_kernel_package(monkeypatch):
+    import sparsegen_kernels as sk
+    from sparsegen_kernels import _loader
+
+    common = _load("common")
+    assert common.kernel_fallbacks() == list(sk.cpu_reference_fallbacks())
+    monkeypatch.setattr(sk, "cpu_reference_fallbacks", lambda: ("topk_mask",))
+    assert common.kernel_fallbacks() == ["topk_mask"]
+    monkeypatch.setattr(_loader, "load_error", lambda: "undefined symbol: xyz")
+    assert common.kernel_fallbacks() == ["all (sparsegen_kernels._C not loaded: undefined symbol: xyz)"]
+    with pytest.raises(SystemExit, match="undefined symbol: xyz"):
+        common.load_ops()
+
+
+def test_op_results_on_cuda_name_the_fastest_provider(tmp_path, monkeypatch, capsys):
+    """The GPU end of a per-op run, without a GPU: the fastest provider per op is recorded with the rows."""
+    import argparse
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    common = _load("common")
+    rows = [{"name": "c", "provider": p, "op": "mask", "ms": ms} for p, ms in (("triton", 2.0), ("cuda", 1.0))]
+    args = argparse.Namespace(device="cuda", out=str(tmp_path / "t.json"), quick=False)
+    common.save_op_results("topk", rows, {"device": "cuda"}, args, {"dtype": "bfloat16"})
+    run = json.loads((tmp_path / "t.json").read_text())["runs"][0]
+    assert run["fastest"] == {"topk_mask": "cuda"} and run["dtype"] == "bfloat16" and run["quick"] is False
+    assert "fastest GPU provider per op" in capsys.readouterr().out
+
+
+def test_round_robin_drops_a_failing_run_only_when_asked():
+    common = _load("common")
+    calls = []
+
+    def ok():
+        calls.append("ok")
+        return 1.0
+
+    def bad():
+        raise RuntimeError("no")
+
+    failed = []
+    times = common.round_robin({"ok": ok, "bad": bad}, 3, on_error=lambda name, exc: failed.append(name))
+    assert times == {"ok": [1.0, 1.0, 1.0]} and failed == ["bad"] and len(calls) == 3
+    with pytest.raises(RuntimeError):
+        common.round_robin({"ok": ok, "bad": bad}, 1)
+
+
+def test_ratio_helpers():
+    common = _load("common")
+    t = common.Timing
+    assert common.speedups(t(4.0, 2.0), t(1.0, 1.0)) == (4.0, 2.0)
+    assert common.speedups(None, t(1.0, 1.0)) == (None, None)
+    assert common.speedups(t(1.0, 1.0), None) == (None, None)
+    row, base = {"peak_mb": 2.0, "act_mb": 0.0}, {"peak_mb": 6.0, "act_mb": 3.0}
+    common.memory_ratios(row, base)
+    assert row == {"peak_mb": 2.0, "act_mb": 0.0, "peak_mem_ratio_vs_dense": 3.0}
+    rows = [{"a": 1, "b": None}, {"a": 1, "b": 2}]
+    assert common.find_row(rows, a=1, b=2) is rows[1] and common.find_row(rows, a=1, b=None) is rows[0]
+    assert common.find_row(rows, a=3) is None
