@@ -249,3 +249,17 @@ def test_ratio_helpers():
     rows = [{"a": 1, "b": None}, {"a": 1, "b": 2}]
     assert common.find_row(rows, a=1, b=2) is rows[1] and common.find_row(rows, a=1, b=None) is rows[0]
     assert common.find_row(rows, a=3) is None
+
+
+def test_environment_of_a_cuda_run_records_the_gpu_and_its_toolkit(monkeypatch):
+    """The CUDA branch of the environment, without a GPU (the device queries stubbed)."""
+    import torch
+
+    common = _load("common")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    for device in ("cuda", torch.device("cuda")):
+        env = common.environment(device, "bfloat16", True)
+        assert env["device"] == "cuda" and env["device_name"] == "Fake GPU" and env["device_capability"] == [9, 0]
+        assert env["dtype"] == "bfloat16" and env["tf32"] is True
+        assert {"cuda", "cudnn", "gpu_backend"} <= set(env) and env["cuda"] == torch.version.cuda
