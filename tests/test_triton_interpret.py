@@ -1,7 +1,9 @@
 """The Triton kernels against the references: CPU tensors under TRITON_INTERPRET=1 (CUDA tensors on a GPU).
 
-Small shapes with large blocks keep the interpreter (whose cost is per program) fast. Selection is checked
-bit for bit; convolutions against float64 references by relative error.
+Small shapes with large blocks keep the interpreter (whose cost is per program) fast. Selection and layout are
+checked bit for bit; convolutions and their gradients by the rule of tolerance.py: every element against a float64
+reference, at most twice the largest error of PyTorch's own op at that dtype on the same device
+(F.conv_transpose2d, F.interpolate + F.conv2d and their autograd gradients); float64 results tightly.
 """
 import os
 
@@ -24,18 +26,18 @@ from sparsegen_kernels import reference as R  # noqa: E402
 from sparsegen_kernels import geometry  # noqa: E402
 from sparsegen_kernels.triton import PROVIDERS  # noqa: E402
 from sparsegen_kernels.triton import sparse_conv, topk, upsample_conv  # noqa: E402
+from tolerance import assert_accurate, no_tf32, torch_conv_transpose2d, torch_upsample_conv2d  # noqa: E402
 
 MODES = ("spatial", "channel", "global")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# float32 dot products may run as TF32 on a GPU when torch allows it.
-F32_TOL = 1e-3 if (DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32) else 1e-5
-TOL = {torch.float64: 1e-12, torch.float32: F32_TOL, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+F64 = torch.float64
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    """float32 in IEEE precision on a GPU, for the kernels (their tl.dot follows allow_tf32) and PyTorch alike."""
+    with no_tf32():
+        yield
 
 
 def sample_x(shape, dtype, ties=True):
@@ -192,14 +194,34 @@ def make_conv_case(geo, mode, density, dtype, seed=0):
                 in_shape=[N, Cin, H, W])
 
 
-def ref_conv(c):
-    dense = R.compact_to_dense_ref(c["values"].double(), c["indices"], c["mode"], c["in_shape"])
-    return R.sparse_conv_transpose2d_ref(dense, c["weight"].double(), c["bias"].double(), c["stride"],
-                                         c["padding"], c["output_padding"])
-
-
 def dev(t):
     return None if t is None else t.to(DEVICE)
+
+
+def dense_of(c):
+    """The dense input of a case (at its dtype, on DEVICE), by the reference scatter."""
+    return dev(R.compact_to_dense_ref(c["values"], c["indices"], c["mode"], c["in_shape"]))
+
+
+def torch_conv(c, dtype, bias=True, grad_out=None):
+    """F.conv_transpose2d on the case's inputs at ``dtype`` on DEVICE (float64: the reference); with ``grad_out``
+    also the gradients (input gradient at the compact entries, weight)."""
+    return torch_conv_transpose2d(dtype, dense_of(c), dev(c["weight"]), dev(c["bias"]) if bias else None,
+                                  c["stride"], c["padding"], c["output_padding"], dev(grad_out),
+                                  None if grad_out is None else dev(c["indices"]), c["mode"])
+
+
+def check(ours, c, what, grad_out=None, bias=True):
+    """``ours`` (the output, or with ``grad_out`` a dict {"input": ..., "weight": ...} of gradients) against the
+    float64 reference, with PyTorch's conv_transpose2d at the dtype of ``ours`` as the yardstick."""
+    dtype = next(iter(ours.values())).dtype if isinstance(ours, dict) else ours.dtype
+    ref, theirs = torch_conv(c, F64, bias, grad_out), torch_conv(c, dtype, bias, grad_out)
+    if grad_out is None:
+        assert_accurate(ours, ref, theirs, what)
+        return
+    for name, slot in (("input", 1), ("weight", 2)):
+        if name in ours:
+            assert_accurate(ours[name], ref[slot], theirs[slot], f"{what}, {name} gradient")
 
 
 STRATEGIES = {"spatial": ("scatter", "gemm"), "channel": ("gather", "scatter", "gemm"), "global": ("scatter", "gemm")}
@@ -209,93 +231,81 @@ STRATEGIES = {"spatial": ("scatter", "gemm"), "channel": ("gather", "scatter", "
 @pytest.mark.parametrize("mode", MODES)
 def test_conv_forward_strategies(geo, mode):
     c = make_conv_case(geo, mode, 0.3, torch.float32)
-    ref = ref_conv(c)
+    out_shape = torch_conv(c, F64).shape
     for strategy in STRATEGIES[mode]:
         out = sparse_conv.sparse_conv_transpose2d(dev(c["values"]), dev(c["indices"]), mode, c["in_shape"],
                                                   dev(c["weight"]), dev(c["bias"]), c["stride"], c["padding"],
                                                   c["output_padding"], strategy=strategy)
-        assert out.shape == ref.shape and out.dtype == torch.float32
-        assert rel_err(out, ref) < F32_TOL, strategy
+        assert out.shape == out_shape and out.dtype == torch.float32
+        check(out, c, strategy)
     # default strategy through the provider, no bias
     out = PROVIDERS["sparse_conv_transpose2d"](dev(c["values"]), dev(c["indices"]), mode, c["in_shape"],
                                                dev(c["weight"]), None, c["stride"], c["padding"],
                                                c["output_padding"])
-    assert rel_err(out, ref - c["bias"].double().view(1, -1, 1, 1)) < F32_TOL
+    check(out, c, "default strategy, no bias", bias=False)
 
 
 @pytest.mark.parametrize("geo", GEOMETRIES[:3])
 def test_conv_forward_dense_input(geo):
     c = make_conv_case(geo, "spatial", 0.25, torch.float32)
-    dense = R.compact_to_dense_ref(c["values"], c["indices"], "spatial", c["in_shape"])
-    ref = R.sparse_conv_transpose2d_ref(dense.double(), c["weight"].double(), c["bias"].double(), c["stride"],
-                                        c["padding"], c["output_padding"])
+    dense = dense_of(c)
     for x in (dense, dense.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
-        out = PROVIDERS["sparse_conv_transpose2d"](dev(x), None, "spatial", c["in_shape"], dev(c["weight"]),
+        out = PROVIDERS["sparse_conv_transpose2d"](x, None, "spatial", c["in_shape"], dev(c["weight"]),
                                                    dev(c["bias"]), c["stride"], c["padding"], c["output_padding"])
-        assert rel_err(out, ref) < F32_TOL
+        check(out, c, f"dense input, contiguous={x.is_contiguous()}")
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_forward_dtypes(mode, dtype):
     c = make_conv_case(GEOMETRIES[0], mode, 0.3, dtype)
-    ref = ref_conv(c)
     for strategy in STRATEGIES[mode]:
         out = sparse_conv.sparse_conv_transpose2d(dev(c["values"]), dev(c["indices"]), mode, c["in_shape"],
                                                   dev(c["weight"]), dev(c["bias"]), c["stride"], c["padding"],
                                                   c["output_padding"], strategy=strategy)
         assert out.dtype == dtype
-        assert rel_err(out, ref) < TOL[dtype], strategy
-
-
-def grads_ref(c, mode, grad_out):
-    dense = R.compact_to_dense_ref(c["values"].double(), c["indices"], mode, c["in_shape"]).requires_grad_()
-    w = c["weight"].double().clone().requires_grad_()
-    out = F.conv_transpose2d(dense, w, None, c["stride"], c["padding"], c["output_padding"])
-    out.backward(grad_out.double())
-    return R.compact_gather_ref(dense.grad, c["indices"], mode), w.grad, dense.detach()
+        check(out, c, strategy)
 
 
 @pytest.mark.parametrize("geo", GEOMETRIES)
 @pytest.mark.parametrize("mode", MODES)
 def test_conv_backward(geo, mode):
     c = make_conv_case(geo, mode, 0.3, torch.float32)
-    ref = ref_conv(c)
-    grad_out = torch.randn(ref.shape)
-    gi_ref, gw_ref, dense = grads_ref(c, mode, grad_out)
+    grad_out = torch.randn(torch_conv(c, F64).shape, dtype=torch.float32)
     args = (dev(grad_out), dev(c["indices"]), mode, c["in_shape"], dev(c["weight"]), c["stride"], c["padding"])
     for strategy in ("entries", "gemm"):
         gi = sparse_conv.sparse_conv_transpose2d_input_grad(*args, strategy=strategy)
         assert gi.shape == c["indices"].shape and gi.dtype == torch.float32
-        assert rel_err(gi, gi_ref) < F32_TOL, strategy
-    assert rel_err(PROVIDERS["sparse_conv_transpose2d_input_grad"](*args), gi_ref) < F32_TOL
+        check({"input": gi}, c, strategy, grad_out)
+    check({"input": PROVIDERS["sparse_conv_transpose2d_input_grad"](*args)}, c, "provider", grad_out)
     wshape = list(c["weight"].shape)
     for strategy in ("segment", "gemm"):
         gw = sparse_conv.sparse_conv_transpose2d_weight_grad(
             dev(grad_out), dev(c["values"]), dev(c["indices"]), mode, c["in_shape"], wshape, c["stride"],
             c["padding"], strategy=strategy)
         assert list(gw.shape) == wshape and gw.is_contiguous()
-        assert rel_err(gw, gw_ref) < F32_TOL, strategy
-    gw = PROVIDERS["sparse_conv_transpose2d_weight_grad"](dev(grad_out), dev(dense.float()), None, mode,
+        check({"weight": gw}, c, strategy, grad_out)
+    gw = PROVIDERS["sparse_conv_transpose2d_weight_grad"](dev(grad_out), dense_of(c), None, mode,
                                                           c["in_shape"], wshape, c["stride"], c["padding"])
-    assert rel_err(gw, gw_ref) < F32_TOL
+    check({"weight": gw}, c, "provider, dense input", grad_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["spatial", "channel"])
 def test_conv_backward_dtypes(dtype, mode):
     c = make_conv_case(GEOMETRIES[0], mode, 0.3, dtype)
-    grad_out = torch.randn(ref_conv(c).shape).to(dtype)
-    gi_ref, gw_ref, _ = grads_ref(c, mode, grad_out)
+    grad_out = torch.randn(torch_conv(c, F64).shape).to(dtype)
     args = (dev(grad_out), dev(c["indices"]), mode, c["in_shape"], dev(c["weight"]), c["stride"], c["padding"])
     for strategy in ("entries", "gemm"):
         gi = sparse_conv.sparse_conv_transpose2d_input_grad(*args, strategy=strategy)
-        assert gi.dtype == dtype and rel_err(gi, gi_ref) < TOL[dtype], strategy
+        assert gi.dtype == dtype
+        check({"input": gi}, c, strategy, grad_out)
     for strategy in ("segment", "gemm"):
         gw = sparse_conv.sparse_conv_transpose2d_weight_grad(
             dev(grad_out), dev(c["values"]), dev(c["indices"]), mode, c["in_shape"], list(c["weight"].shape),
             c["stride"], c["padding"], strategy=strategy)
-        assert gw.dtype == dtype and rel_err(gw, gw_ref) < TOL[dtype], strategy
+        assert gw.dtype == dtype
+        check({"weight": gw}, c, strategy, grad_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32])
@@ -303,12 +313,11 @@ def test_weight_grad_split_k(dtype, monkeypatch):
     # The N*H*W reduction split over several programs, partial sums added afterwards.
     monkeypatch.setattr(sparse_conv, "WGRAD_TARGET_PROGRAMS", 10**6)
     c = make_conv_case((2, 3, 16, 16, 4, 3, 3, (1, 1), (1, 1), (0, 0)), "spatial", 0.25, dtype)
-    grad_out = torch.randn(ref_conv(c).shape).to(dtype)
-    _, gw_ref, _ = grads_ref(c, "spatial", grad_out)
+    grad_out = torch.randn(torch_conv(c, F64).shape).to(dtype)
     gw = sparse_conv.sparse_conv_transpose2d_weight_grad(
         dev(grad_out), dev(c["values"]), dev(c["indices"]), "spatial", c["in_shape"], list(c["weight"].shape),
         c["stride"], c["padding"], strategy="gemm")
-    assert rel_err(gw, gw_ref) < TOL[dtype]
+    check({"weight": gw}, c, "split k", grad_out)
 
 
 def test_conv_rejects_bad_input():
@@ -338,13 +347,11 @@ def upsample_case(mode, C, k, H, W, dtype, N=2, Cout=5, seed=0, zeros=True):
     return values.to(dtype), indices, w3.to(dtype), b.to(dtype), grad_out.to(dtype), [N, C, H, W]
 
 
-def upsample_ref(values, indices, w3, b, grad_out, mode, in_shape):
-    """Forward, input gradient at the entries and weight gradient of F.interpolate + F.conv2d in float64."""
-    dense = R.compact_to_dense_ref(values.double(), indices, mode, in_shape).requires_grad_()
-    w = w3.double().clone().requires_grad_()
-    out = R.sparse_upsample_conv2d_ref(dense, w, b.double())
-    out.backward(grad_out.double())
-    return out.detach(), R.compact_gather_ref(dense.grad, indices, mode), w.grad
+def torch_upsample(dtype, values, indices, w3, b, mode, in_shape, grad_out=None):
+    """F.interpolate + F.conv2d on the case's inputs at ``dtype`` on DEVICE (float64: the reference); with
+    ``grad_out`` ``(output, input gradient at the entries, weight gradient, bias gradient)``."""
+    dense = dev(R.compact_to_dense_ref(values, indices, mode, in_shape))
+    return torch_upsample_conv2d(dtype, dense, dev(w3), dev(b), dev(grad_out), dev(indices), mode)
 
 
 # (mode, C, k, H, W): channel top-k at low density takes the 3x3-weight kernels, the others the fold.
@@ -353,25 +360,26 @@ UPSAMPLE_CASES = [("channel", 40, 2, 3, 4), ("channel", 64, 3, 4, 4), ("channel"
 
 
 @pytest.mark.parametrize("case", UPSAMPLE_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_upsample_conv(case, dtype):
     mode, C, k, H, W = case
     values, indices, w3, b, grad_out, in_shape = upsample_case(mode, C, k, H, W, dtype)
     direct = upsample_conv.uses_direct_kernels(mode, indices, in_shape)
     assert direct == (mode == "channel" and k <= C / 16)
-    out_ref, gi_ref, gw_ref = upsample_ref(values, indices, w3, b, grad_out, mode, in_shape)
-    tol = TOL[dtype]
+    ref = torch_upsample(F64, values, indices, w3, b, mode, in_shape, grad_out)
+    theirs = torch_upsample(dtype, values, indices, w3, b, mode, in_shape, grad_out)
     out = PROVIDERS["sparse_upsample_conv2d"](dev(values), dev(indices), mode, in_shape, dev(w3), dev(b))
-    assert out.shape == out_ref.shape and out.dtype == dtype and out.is_contiguous()
-    assert rel_err(out, out_ref) < tol
+    assert out.shape == ref[0].shape and out.dtype == dtype and out.is_contiguous()
+    assert_accurate(out, ref[0], theirs[0], "output")
     out = PROVIDERS["sparse_upsample_conv2d"](dev(values), dev(indices), mode, in_shape, dev(w3), None)
-    assert rel_err(out, out_ref - b.double().view(1, -1, 1, 1)) < tol
+    assert_accurate(out, torch_upsample(F64, values, indices, w3, None, mode, in_shape),
+                    torch_upsample(dtype, values, indices, w3, None, mode, in_shape), "output without bias")
     gi = PROVIDERS["sparse_upsample_conv2d_input_grad"](dev(grad_out), dev(indices), mode, in_shape, dev(w3))
     assert gi.shape == indices.shape and gi.dtype == dtype
-    assert rel_err(gi, gi_ref) < tol
+    assert_accurate(gi, ref[1], theirs[1], "input gradient")
     gw = PROVIDERS["sparse_upsample_conv2d_weight_grad"](dev(grad_out), dev(values), dev(indices), mode, in_shape)
     assert gw.shape == w3.shape and gw.dtype == dtype and gw.is_contiguous()
-    assert rel_err(gw, gw_ref) < tol
+    assert_accurate(gw, ref[2], theirs[2], "weight gradient")
 
 
 def test_upsample_conv_untouched_channels_get_zero_gradient():
@@ -386,10 +394,11 @@ def test_upsample_conv_untouched_channels_get_zero_gradient():
 def test_upsample_conv_dense_input():
     values, indices, w3, b, grad_out, in_shape = upsample_case("spatial", 6, 5, 4, 3, torch.float64)
     dense = R.compact_to_dense_ref(values, indices, "spatial", in_shape)
+    ref = torch_upsample(F64, values, indices, w3, b, "spatial", in_shape, grad_out)
     out = PROVIDERS["sparse_upsample_conv2d"](dev(dense), None, "spatial", in_shape, dev(w3), dev(b))
-    assert rel_err(out, R.sparse_upsample_conv2d_ref(dense, w3, b)) < 1e-12
+    assert_accurate(out, ref[0], ref[0], "output")
     gw = PROVIDERS["sparse_upsample_conv2d_weight_grad"](dev(grad_out), dev(dense), None, "spatial", in_shape)
-    assert rel_err(gw, upsample_ref(values, indices, w3, b, grad_out, "spatial", in_shape)[2]) < 1e-12
+    assert_accurate(gw, ref[2], ref[2], "weight gradient")
 
 
 def test_upsample_conv_rejects_bad_input():

@@ -6,9 +6,14 @@ makes at that dtype on those inputs (e.g. ``F.conv_transpose2d`` run in that dty
 against the same float64 reference), plus a floor of a few units in the last place of the reference's largest
 magnitude, for the case where PyTorch's result happens to be exact. No norm ratios: one bad element fails.
 
-Selections (top-k indices and the values they pick) are not subject to this rule; they are compared exactly.
-float64 results are compared with tight absolute tolerances instead (there is no higher precision to measure
-PyTorch's error against).
+The yardsticks are :func:`torch_conv_transpose2d` and :func:`torch_upsample_conv2d`: PyTorch's op (and its
+autograd gradients) run at the dtype under test on the device under test; called with ``torch.float64`` they give
+the reference. PyTorch's CPU convolutions run in float16 and bfloat16 too (checked with torch 2.13), so no
+yardstick has to be emulated.
+
+Selections (top-k indices and the values they pick) and layout ops are not subject to this rule; they are
+compared exactly. float64 results are compared with the tight tolerances of :func:`assert_close_float64` instead
+(there is no higher precision to measure PyTorch's error against).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 
 TORCH_ERROR_FACTOR = 2.0
 FLOOR_ULPS = 4
+FLOAT64_TOL = dict(atol=1e-12, rtol=1e-12)  # float64 results against float64 references
 
 
 @contextlib.contextmanager
@@ -103,3 +109,60 @@ def assert_all_within_torch_error(named: dict, msg: str = "") -> None:
     """:func:`assert_within_torch_error` for ``{name: (ours, ref64, torch_result)}``, e.g. every gradient."""
     for name, (ours, ref64, theirs) in named.items():
         assert_within_torch_error(ours, ref64, theirs, f"{msg} {name}".strip())
+
+
+def assert_close_float64(ours: torch.Tensor, ref64: torch.Tensor, msg: str = "") -> None:
+    """A float64 result against a float64 reference, within :data:`FLOAT64_TOL`."""
+    assert ours.dtype == ref64.dtype == torch.float64, f"{msg}: expected float64, got {ours.dtype}, {ref64.dtype}"
+    torch.testing.assert_close(ours, ref64, **FLOAT64_TOL, msg=lambda m: f"{msg}: {m}" if msg else m)
+
+
+def assert_accurate(ours: torch.Tensor, ref64: torch.Tensor, torch_result: torch.Tensor, msg: str = "") -> None:
+    """The rule for a result of any floating dtype: float64 results by :func:`assert_close_float64`, the working
+    precisions by :func:`assert_within_torch_error` (``torch_result``: PyTorch's op at ``ours``'s dtype)."""
+    if ours.dtype == torch.float64:
+        assert_close_float64(ours, ref64, msg)
+    else:
+        assert_within_torch_error(ours, ref64, torch_result, msg)
+
+
+def _yardstick(op, dtype, tensors, grad_out, indices, mode):
+    """``op(*tensors)`` with every tensor cast to ``dtype`` (None stays None), IEEE float32 (no TF32). Without
+    ``grad_out`` the output; with it ``(output, *gradients)``, a gradient per tensor (None for a None tensor), the
+    first one gathered at ``indices`` (``reference.compact_gather_ref``) when those are given."""
+    need_grad = grad_out is not None
+    args = [None if t is None else t.detach().to(dtype).requires_grad_(need_grad) for t in tensors]
+    with no_tf32(), torch.enable_grad():
+        out = op(*args)
+        if not need_grad:
+            return out.detach()
+        leaves = [a for a in args if a is not None]
+        grads = iter(torch.autograd.grad(out, leaves, grad_out.detach().to(dtype)))
+    grads = [None if a is None else next(grads) for a in args]
+    if indices is not None:
+        from sparsegen_kernels.reference import compact_gather_ref
+
+        grads[0] = compact_gather_ref(grads[0], indices, mode)
+    return (out.detach(), *grads)
+
+
+def torch_conv_transpose2d(dtype, dense, weight, bias, stride, padding, output_padding, grad_out=None, indices=None,
+                           mode=None):
+    """``F.conv_transpose2d`` at ``dtype`` on the inputs' device: the output, or with ``grad_out`` the tuple
+    ``(output, input gradient, weight gradient, bias gradient)``; the input gradient is gathered at ``indices``
+    (the compact entries of ``mode``) when those are given. ``dtype=torch.float64`` gives the reference."""
+    def op(d, w, b):
+        return torch.nn.functional.conv_transpose2d(d, w, b, stride=stride, padding=padding,
+                                                    output_padding=output_padding)
+
+    return _yardstick(op, dtype, (dense, weight, bias), grad_out, indices, mode)
+
+
+def torch_upsample_conv2d(dtype, dense, weight3, bias, grad_out=None, indices=None, mode=None):
+    """Like :func:`torch_conv_transpose2d` for ``F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"),
+    weight3, bias, padding=1)``."""
+    def op(d, w3, b):
+        up = torch.nn.functional.interpolate(d, scale_factor=2, mode="nearest")
+        return torch.nn.functional.conv2d(up, w3, b, padding=1)
+
+    return _yardstick(op, dtype, (dense, weight3, bias), grad_out, indices, mode)
