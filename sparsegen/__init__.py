@@ -4,18 +4,21 @@ Generator Network" (CVPR 2020), trained by alternating back-propagation with an 
     from sparsegen import SparseGenerator, EnergyCritic, Trainer, RunConfig
     g = SparseGenerator("paper64")                  # Table 1; sparse=False gives the dense baseline
     y, acts = g(z, return_activations=True)         # acts: layer name -> SparseActivation
-    z = sparsegen.langevin.langevin_infer(g, images, z, n_steps=20, step_size=0.1, sigma=0.3)
+    z = sparsegen.langevin_infer(g, images, z, n_steps=20, step_size=0.1, sigma=0.3)
 
-The top-k layers run on the kernels of :mod:`sparsegen_kernels`. Command line: ``sparsegen train | sample |
-reconstruct`` (or ``python -m sparsegen``).
+The package follows the data: :mod:`sparsegen.data` (datasets) and :mod:`sparsegen.model` (configs,
+generator, critic) -> :mod:`sparsegen.train` (Langevin inference, Algorithm 1, checkpoints) ->
+:mod:`sparsegen.readout` (AND-OR trees, basis functions, metrics, report) -> :mod:`sparsegen.cli` (the
+command line ``sparsegen train | sample | reconstruct | andor | eval | report``, or ``python -m sparsegen``).
+The top-k layers run on the kernels of :mod:`sparsegen_kernels`.
 """
-from . import langevin
-from .configs import MODEL_CONFIGS, ModelConfig, RunConfig, TrainConfig, model_config
-from .critic import EnergyCritic, critic_loss
 from .data import ImageDataset, load_dataset
-from .generator import SparseGenerator
-from .langevin import langevin_infer, log_joint
-from .trainer import LoadedRun, NonFiniteLossError, Trainer, load_run
+from .model.configs import MODEL_CONFIGS, ModelConfig, RunConfig, TrainConfig, model_config
+from .model.critic import EnergyCritic, critic_loss
+from .model.generator import SparseGenerator
+from .train import langevin
+from .train.langevin import langevin_infer, log_joint
+from .train.trainer import LoadedRun, NonFiniteLossError, Trainer, load_run
 
 __all__ = [
     "EnergyCritic",

@@ -1,4 +1,4 @@
-"""``python -m sparsegen train | sample | reconstruct`` (see :mod:`sparsegen.cli`)."""
+"""``python -m sparsegen train | sample | reconstruct | andor | eval | report`` (see :mod:`sparsegen.cli`)."""
 import sys
 
 from .cli import main

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from sparsegen import SparseGenerator
-from sparsegen.andor import layer_parse, parse, part_layer, select_units, tree_layers
-from sparsegen.basis import FixedParse, crop, energy_center, kernel_dictionary, support_size
-from sparsegen.configs import MODEL_CONFIGS, ModelConfig
+from sparsegen.model.configs import MODEL_CONFIGS, ModelConfig
+from sparsegen.readout.andor import layer_parse, parse, part_layer, select_units, tree_layers
+from sparsegen.readout.basis import FixedParse, crop, energy_center, kernel_dictionary, support_size
 
 # A small AAAI-style network: FC -> deconv (global top-K) -> deconv to the image.
 AAAI_TINY = ModelConfig(name="aaai-tiny", arch="aaai", z_dim=6, fc_channels=8, block_channels=(6,),

@@ -18,7 +18,7 @@ import torch
 
 import sparsegen
 from conftest import GPU_BACKENDS, gpu_backend
-from sparsegen.langevin import langevin_infer
+from sparsegen.train.langevin import langevin_infer
 
 pytestmark = pytest.mark.gpu
 

@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sparsegen import RunConfig, TrainConfig, Trainer
-from sparsegen import checkpoint as ckpt_io
 from sparsegen.data import make_parts
-from sparsegen.distributed import DistContext, init_distributed, shutdown
+from sparsegen.train import checkpoint as ckpt_io
+from sparsegen.train.distributed import DistContext, init_distributed, shutdown
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparsegen import SparseGenerator
-from sparsegen.langevin import frozen, langevin_infer, log_joint
+from sparsegen.train.langevin import frozen, langevin_infer, log_joint
 
 D, d, SIGMA = 6, 3, 0.5
 

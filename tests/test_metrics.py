@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsegen import SparseGenerator
-from sparsegen import metrics as M
+from sparsegen.readout import metrics as M
 
 
 def test_ncc_of_an_image_with_itself_is_one():

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from sparsegen import SparseGenerator
-from sparsegen.basis import FixedParse
-from sparsegen.configs import RunConfig, TrainConfig
-from sparsegen.render import render_andor_tree, render_dictionary, render_side_by_side, to_display
-from sparsegen.report import build_report, embed_image, find_runs, heldout_spec
-from sparsegen.report_cli import add_subcommands, main
-from sparsegen.trainer import Trainer
+from sparsegen.cli import main
+from sparsegen.cli.readout import add_subcommands
+from sparsegen.model.configs import RunConfig, TrainConfig
+from sparsegen.readout.basis import FixedParse
+from sparsegen.readout.render import render_andor_tree, render_dictionary, render_side_by_side, to_display
+from sparsegen.readout.report import build_report, embed_image, find_runs, heldout_spec
+from sparsegen.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from sparsegen import NonFiniteLossError, RunConfig, TrainConfig, Trainer, load_run
-from sparsegen import checkpoint as ckpt_io
 from sparsegen.data import make_parts
+from sparsegen.train import checkpoint as ckpt_io
 
 DATA = make_parts(48, 16, seed=0)
 

@@ -18,7 +18,7 @@ class EnergyCritic(nn.Module):
     The model of Eq. 16 is ``P(Y; Phi) ~ exp(-f(Y; Phi)) q(Y)``.
 
     Args:
-        config: a name from :data:`sparsegen.configs.MODEL_CONFIGS`, a :class:`~sparsegen.configs.ModelConfig`
+        config: a name from :data:`sparsegen.model.configs.MODEL_CONFIGS`, a :class:`~sparsegen.model.configs.ModelConfig`
             or a dict of its fields (uses ``image_channels``, ``image_size``, ``critic_*``).
     """
 

@@ -1,6 +1,6 @@
 """AND-OR parse graphs of a sparse generator (CVPR 2020 Sec. 3.2, Figure 1; AAAI 2019 Sec. 2.1).
 
-For a latent ``Z`` every sparsified layer of :class:`~sparsegen.generator.SparseGenerator` keeps a few
+For a latent ``Z`` every sparsified layer of :class:`~sparsegen.model.generator.SparseGenerator` keeps a few
 activations. Read as a grammar, the layer's feature map is an AND node over its spatial positions (an image
 needs content at every position) and each position is an OR node whose children are the channels that
 survive there, each with its coefficient (the activation value). This module reads that structure directly

@@ -8,7 +8,7 @@ One iteration on a minibatch ``{Y_i}`` of the training set:
    kept in a latent bank for the whole training set (saved in checkpoints);
 3. generator step: ``||Y_i - g(Z_i)||^2 / (2 sigma^2)`` (Eq. 15) ``+ critic_weight * f(g(Z_hat))`` (Eq. 20).
 
-A run directory holds ``config.json`` (the resolved :class:`~sparsegen.configs.RunConfig`), ``log.txt``,
+A run directory holds ``config.json`` (the resolved :class:`~sparsegen.model.configs.RunConfig`), ``log.txt``,
 ``checkpoint.pt`` (written atomically), ``samples.png``, ``reconstructions.png``, ``loss.png`` and, at
 the end, ``metrics.json``. Resuming continues exactly: weights, optimisers, latent bank, random state and
 loss history are all in the checkpoint, so N + M iterations equal N, then a resume to N + M (bitwise on a
@@ -27,12 +27,12 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from ..data import ImageDataset, load_dataset
+from ..model.configs import RunConfig
+from ..model.critic import EnergyCritic, critic_loss
+from ..model.generator import SparseGenerator
 from . import checkpoint as ckpt_io
-from .configs import RunConfig
-from .critic import EnergyCritic, critic_loss
-from .data import ImageDataset, load_dataset
 from .distributed import DistContext
-from .generator import SparseGenerator
 from .langevin import frozen, langevin_infer
 
 HISTORY_KEYS = ("iter", "recon_mse", "loss_g", "loss_d", "energy_real", "energy_fake", "gp")
@@ -65,10 +65,10 @@ class Trainer:
     """Trains a :class:`SparseGenerator` and an :class:`EnergyCritic` with Algorithm 1.
 
     Args:
-        run: the :class:`~sparsegen.configs.RunConfig`.
+        run: the :class:`~sparsegen.model.configs.RunConfig`.
         dataset: the training images (default: ``load_dataset(run.data)`` at the model's image size).
         run_dir: where the config, log, checkpoints and pictures go (None: nothing is written).
-        dist: this process's :class:`~sparsegen.distributed.DistContext` (default: a single process on
+        dist: this process's :class:`~sparsegen.train.distributed.DistContext` (default: a single process on
             ``run.train.device``).
         log: called with each log line (default: ``print`` on the main process).
     """
@@ -293,7 +293,7 @@ class Trainer:
         images, each followed by its reconstruction) and ``loss.png`` to the run directory."""
         if self.run_dir is None or not self.dist.is_main:
             return {}
-        from .viz import save_grid, save_loss_plot
+        from .pictures import save_grid, save_loss_plot
 
         with torch.no_grad(), self._autocast():
             samples = self.generator(self.z_vis.to(self.device)).float().cpu()
@@ -377,7 +377,7 @@ class Trainer:
         """A trainer continuing the run in ``run_dir`` from its checkpoint.
 
         ``iters`` sets a new total; ``train_changes`` may change bookkeeping fields of the
-        :class:`~sparsegen.configs.TrainConfig` (``device``, ``log_every``, ``sample_every``, ``ckpt_every``,
+        :class:`~sparsegen.model.configs.TrainConfig` (``device``, ``log_every``, ``sample_every``, ``ckpt_every``,
         ``eval_examples``); anything else would break the exact continuation and is refused.
         """
         allowed = {"device", "log_every", "sample_every", "ckpt_every", "eval_examples"}

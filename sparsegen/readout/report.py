@@ -1,6 +1,6 @@
 """Read-out of trained runs: AND-OR pictures, metrics, and one self-contained HTML report.
 
-A *run* is a directory written by :class:`sparsegen.trainer.Trainer` (``checkpoint.pt``, ``config.json``,
+A *run* is a directory written by :class:`sparsegen.train.trainer.Trainer` (``checkpoint.pt``, ``config.json``,
 pictures). The report compares a sparse run with its dense twin (the same network trained with
 ``sparse=False``) when one is given or found (:func:`find_runs`).
 
@@ -75,7 +75,7 @@ class Run:
     """A loaded run and the data it was trained on."""
 
     path: str
-    loaded: object  # sparsegen.trainer.LoadedRun
+    loaded: object  # sparsegen.train.trainer.LoadedRun
     dataset: object = None
 
     @property
@@ -91,7 +91,7 @@ class Run:
     def data(self):
         """The training images (loaded on first use)."""
         if self.dataset is None:
-            from .data import load_dataset
+            from ..data import load_dataset
 
             m = self.loaded.config.model
             self.dataset = load_dataset(self.loaded.config.data, m.image_size, m.image_channels)
@@ -100,7 +100,7 @@ class Run:
 
 def load(path: str, device: str = "cpu") -> Run:
     """Load a run directory (or checkpoint file)."""
-    from .trainer import load_run
+    from ..train.trainer import load_run
 
     return Run(run_dir_of(path), load_run(path, device=device))
 
@@ -111,7 +111,7 @@ def heldout_spec(spec: str, n: int) -> tuple:
     Procedural data (``parts``, ``textures``) are drawn again with another seed; fixed sets (``faces``, a
     folder) have no held-out part, so their own images are used (flagged ``False``).
     """
-    from .data import parse_spec
+    from ..data import parse_spec
 
     kind, opts = parse_spec(spec)
     if kind in ("parts", "textures"):
@@ -192,7 +192,7 @@ def write_andor(run: Run, out_dir: str, n_images: int = 4, seed: int = 0, trees:
 
 def part_level_bases(run: Run, n_latents: int = 8, per_image: int = 4, seed: int = 0,
                      size: Optional[int] = None) -> torch.Tensor:
-    """The part-level bases (:func:`~sparsegen.andor.part_layer`) of the strongest units in ``n_latents``
+    """The part-level bases (:func:`~sparsegen.readout.andor.part_layer`) of the strongest units in ``n_latents``
     samples, cropped around their grid cells: ``[M, C, size, size]`` (for the sparse-vs-dense figure)."""
     from .andor import select_units
 
@@ -221,7 +221,7 @@ def evaluate(run: Run, n_eval: int = 64, steps: int = 100, n_templates_latents: 
     * ``recon_mse_heldout``: per-pixel MSE (images in [-1, 1]) of ``n_eval`` held-out images
       (:func:`heldout_spec`) reconstructed from ``steps`` noise-free Langevin steps started at ``Z = 0``;
       ``recon_mse_train``: the first ``n_eval`` training images from their persistent latents.
-    * ``ncc``: Table 4's template-matching score of part-level bases (:func:`~sparsegen.andor.part_layer`;
+    * ``ncc``: Table 4's template-matching score of part-level bases (:func:`~sparsegen.readout.andor.part_layer`;
       the ``per_image`` strongest units of ``n_templates_latents`` samples, ``template_size`` crops) against
       ``n_match`` training images.
     * ``part_purity`` (``parts`` data only): of the ``purity_units`` strongest part-level units in each of
@@ -243,7 +243,7 @@ def evaluate(run: Run, n_eval: int = 64, steps: int = 100, n_templates_latents: 
     with torch.no_grad():
         rec = g(run.loaded.latents[:n_tr].to(p.device, p.dtype)).float().cpu()
     res["recon_mse_train"] = float((rec - y).double().pow(2).mean())
-    from .data import load_dataset
+    from ..data import load_dataset
 
     spec, held = heldout_spec(cfg.data, n_eval)
     test = load_dataset(spec, m.image_size, m.image_channels)

@@ -62,7 +62,7 @@ def write_text_atomic(text: str, path: PathLike) -> None:
 
 
 def load(path: PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by :class:`sparsegen.trainer.Trainer`; checks its format version."""
+    """Load a checkpoint written by :class:`sparsegen.train.trainer.Trainer`; checks its format version."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")

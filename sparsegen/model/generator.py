@@ -37,8 +37,8 @@ class SparseGenerator(nn.Module):
     """Top-down generator ``z [N, z_dim] -> images [N, C, S, S]`` in [-1, 1] with top-k sparsified layers.
 
     Args:
-        config: a name from :data:`sparsegen.configs.MODEL_CONFIGS` (``"paper64"``, ``"aaai"``, ``"cpu32"``,
-            ``"tiny16"``), a :class:`~sparsegen.configs.ModelConfig` or a dict of its fields.
+        config: a name from :data:`sparsegen.model.configs.MODEL_CONFIGS` (``"paper64"``, ``"aaai"``, ``"cpu32"``,
+            ``"tiny16"``), a :class:`~sparsegen.model.configs.ModelConfig` or a dict of its fields.
         sparse: keep only the top-k activations of each sparsified layer. ``False`` removes the masks
             (plain ReLU there); parameter names and shapes do not change, so state dicts are interchangeable.
         use_kernels: run the sparse network on the :mod:`sparsegen_kernels` ops (compact activations, sparse

@@ -40,7 +40,7 @@ def reconstruction_mse(generator, images: Tensor, *, n_steps: int = 200, step_si
     ``step_size``, ``sigma`` (``noise=False``: gradient ascent to the posterior mode, the usual choice for
     reconstruction). Returns ``{"mse": float, "mse_per_image": [N], "z": [N, d], "reconstructions": [N, ...]}``.
     """
-    from .langevin import langevin_infer
+    from ..train.langevin import langevin_infer
 
     if images.dim() != 4:
         raise ValueError(f"images must be [N, C, S, S], got {tuple(images.shape)}")

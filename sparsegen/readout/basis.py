@@ -56,7 +56,7 @@ class FixedParse:
     blocks are the signs of the block's first convolution applied to those activations.
 
     Attributes: ``images [N, C, S, S]`` (tanh output), ``acts`` (layer name -> activation), ``graph``
-    (:class:`~sparsegen.andor.ParseGraph`), ``names`` (sparsified layers, top-down).
+    (:class:`~sparsegen.readout.andor.ParseGraph`), ``names`` (sparsified layers, top-down).
     """
 
     def __init__(self, generator, z: Tensor):

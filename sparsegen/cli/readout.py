@@ -6,8 +6,7 @@
 
 ``--run`` takes a run directory (``checkpoint.pt`` inside) or a folder with ``sparse/`` and ``dense/`` runs.
 :func:`add_subcommands` registers them on the main parser's subparsers and returns the handlers
-(``handler(args, parser) -> exit status``); :func:`main` runs them on their own
-(``python -m sparsegen.report_cli report --run runs/demo``).
+(``handler(args, parser) -> exit status``).
 """
 from __future__ import annotations
 
@@ -15,9 +14,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Optional, Sequence
 
-from .cli import PROG, nonneg_int, positive_int
+from .options import PROG, nonneg_int, positive_int
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -90,7 +88,7 @@ def _fail(args, exc: Exception) -> int:
 
 def cmd_andor(args, parser) -> int:
     """``sparsegen andor``: write parse.json, tree_<i>.png and the dictionaries of one run."""
-    from .report import find_runs, load, write_andor
+    from ..readout.report import find_runs, load, write_andor
 
     _setup(args)
     try:
@@ -110,8 +108,8 @@ def cmd_andor(args, parser) -> int:
 
 def cmd_eval(args, parser) -> int:
     """``sparsegen eval``: the metrics of a run and its dense twin, as JSON."""
-    from . import metrics as M
-    from .report import _jsonable, evaluate, find_runs, load
+    from ..readout import metrics as M
+    from ..readout.report import _jsonable, evaluate, find_runs, load
 
     _setup(args)
     try:
@@ -142,8 +140,8 @@ def cmd_eval(args, parser) -> int:
 
 def cmd_report(args, parser) -> int:
     """``sparsegen report``: analyse the run(s) and write the HTML page; prints its path."""
-    from . import metrics as M
-    from .report import build_report
+    from ..readout import metrics as M
+    from ..readout.report import build_report
 
     _setup(args)
     try:
@@ -156,16 +154,3 @@ def cmd_report(args, parser) -> int:
         return _fail(args, exc)
     print(f"report: {os.path.abspath(path)}")
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``andor | eval | report`` without the main ``sparsegen`` parser."""
-    p = argparse.ArgumentParser(prog=PROG, description="AND-OR read-out, metrics and report of trained runs.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{andor,eval,report}")
-    handlers: dict[str, Callable] = add_subcommands(sub)
-    args = p.parse_args(argv)
-    return handlers[args.command](args, sub.choices[args.command])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -235,6 +235,6 @@ def render_side_by_side(left: Tensor, right: Tensor, path: str, left_title: str,
 
 def save_image_grid(images: Tensor, path: str, nrow: int = 8) -> str:
     """Images ``[N, C, S, S]`` in [-1, 1] as a PNG grid (enlarged to at least 96 px per image)."""
-    from .viz import save_grid
+    from ..train.pictures import save_grid
 
     return save_grid(images, path, nrow=nrow)

@@ -8,7 +8,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .data.base import to_uint8
+from ..data.base import to_uint8
 
 
 def make_grid(images: Tensor, nrow: int = 8, pad: int = 2, pad_value: int = 255) -> Tensor:
