@@ -12,8 +12,10 @@ from sparsegen.cli import main
 from sparsegen.cli.readout import add_subcommands
 from sparsegen.model.configs import RunConfig, TrainConfig
 from sparsegen.readout.basis import FixedParse
+from sparsegen.readout.html import embed_image
 from sparsegen.readout.render import render_andor_tree, render_dictionary, render_side_by_side, to_display
-from sparsegen.readout.report import build_report, embed_image, find_runs, heldout_spec
+from sparsegen.readout.report import build_report
+from sparsegen.readout.runs import find_runs, heldout_spec
 from sparsegen.train.trainer import Trainer
 
 

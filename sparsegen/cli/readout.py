@@ -88,7 +88,8 @@ def _fail(args, exc: Exception) -> int:
 
 def cmd_andor(args, parser) -> int:
     """``sparsegen andor``: write parse.json, tree_<i>.png and the dictionaries of one run."""
-    from ..readout.report import find_runs, load, write_andor
+    from ..readout.export import write_andor
+    from ..readout.runs import find_runs, load
 
     _setup(args)
     try:
@@ -109,7 +110,8 @@ def cmd_andor(args, parser) -> int:
 def cmd_eval(args, parser) -> int:
     """``sparsegen eval``: the metrics of a run and its dense twin, as JSON."""
     from ..readout import metrics as M
-    from ..readout.report import _jsonable, evaluate, find_runs, load
+    from ..readout.evaluate import evaluate, jsonable
+    from ..readout.runs import find_runs, load
 
     _setup(args)
     try:
@@ -124,7 +126,7 @@ def cmd_eval(args, parser) -> int:
         print(f"evaluating {run.path} ({run.kind})")
         res = evaluate(run, n_eval=args.n_eval, steps=args.steps, fid_samples=args.fid_samples,
                        inception=args.inception, seed=args.seed)
-        results.append(_jsonable(res))
+        results.append(jsonable(res))
     out = args.out or os.path.join(runs[0].path, "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -18,8 +18,9 @@ class EnergyCritic(nn.Module):
     The model of Eq. 16 is ``P(Y; Phi) ~ exp(-f(Y; Phi)) q(Y)``.
 
     Args:
-        config: a name from :data:`sparsegen.model.configs.MODEL_CONFIGS`, a :class:`~sparsegen.model.configs.ModelConfig`
-            or a dict of its fields (uses ``image_channels``, ``image_size``, ``critic_*``).
+        config: a name from :data:`sparsegen.model.configs.MODEL_CONFIGS`, a
+            :class:`~sparsegen.model.configs.ModelConfig` or a dict of its fields (uses ``image_channels``,
+            ``image_size``, ``critic_*``).
     """
 
     def __init__(self, config: Union[str, ModelConfig, dict] = "paper64"):
