@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton_kernels
