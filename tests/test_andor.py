@@ -116,13 +116,16 @@ def test_select_units_takes_the_strongest_per_image():
 
 
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config, sparse, use_kernels", [
-    ("tiny16", True, True), ("tiny16", True, False), ("tiny16", False, True), (AAAI_TINY, True, True),
-    (AAAI_TINY, False, True),
+@pytest.mark.parametrize("config, sparse, use_kernels, dense_upsample", [
+    ("tiny16", True, True, "interpolate"), ("tiny16", True, False, "interpolate"),
+    ("tiny16", False, True, "interpolate"), ("tiny16", False, True, "folded"),
+    (AAAI_TINY, True, True, "interpolate"), (AAAI_TINY, False, True, "interpolate"),
 ])
-def test_linearity_identity(config, sparse, use_kernels):
-    """With every mask fixed, coefficient-weighted bases + the bias term give the parse's pre-tanh output."""
+def test_linearity_identity(config, sparse, use_kernels, dense_upsample):
+    """With every mask fixed, coefficient-weighted bases + the bias term give the parse's pre-tanh output (the
+    read-out runs through the generator's own layer functions, so on its dense formulation too)."""
     g = _gen(config, sparse, use_kernels)
+    g.dense_upsample = dense_upsample
     n_images = 2 if sparse and use_kernels else 1  # dense parses have many units: one image is enough
     fp = FixedParse(g, _z(g, n_images))
     for layer in g.layer_names:

@@ -174,20 +174,32 @@ class SparseGenerator(nn.Module):
     def _dense(a: Activation) -> Tensor:
         return a.to_dense() if isinstance(a, sk.SparseActivation) else a
 
-    def _upconv(self, m: sk.SparseUpsampleConv2d, a: Activation) -> Tensor:
-        """Nearest x2 upsampling + 3x3 conv of ``a`` (compact input consumed directly by the kernel; dense input
-        as :attr:`dense_upsample` says)."""
-        if self.sparse and self.use_kernels:
-            return m(a)
-        if self.dense_upsample == "folded":
-            return F.conv_transpose2d(a, sk.fold_upsample_weight(m.weight), m.bias, stride=2, padding=1)
-        return F.conv2d(F.interpolate(a, scale_factor=2, mode="nearest"), m.weight, m.bias, padding=1)
+    # The layer functions: the one place that decides between the kernels and the dense PyTorch ops. The
+    # read-outs (sparsegen.readout.basis) run the network through them too, with their own masks in between.
+    @property
+    def runs_on_kernels(self) -> bool:
+        """Whether the layers run on the :mod:`sparsegen_kernels` ops (sparse with ``use_kernels``): they then
+        pass compact activations on; otherwise dense maps through the PyTorch ops."""
+        return self.sparse and self.use_kernels
 
-    def _deconv(self, m: sk.SparseConvTranspose2d, a: Activation, with_bias: bool) -> Tensor:
-        bias = m.bias if with_bias else None
-        if self.sparse and self.use_kernels:
-            return sk.sparse_conv_transpose2d(a, m.weight, bias, m.stride, m.padding, m.output_padding)
-        return F.conv_transpose2d(a, m.weight, bias, m.stride, m.padding, m.output_padding)
+    def upsample_conv(self, m: sk.SparseUpsampleConv2d, a: Activation, bias: bool = True) -> Tensor:
+        """Nearest x2 upsampling + 3x3 conv of ``a`` with the parameters of ``m`` (one of this generator's
+        ``up`` layers; ``bias=False``: without its bias). On the kernels a compact (or dense) ``a`` goes to
+        the sparse upsample-conv; otherwise a dense ``a`` is computed as :attr:`dense_upsample` says."""
+        b = m.bias if bias else None
+        if self.runs_on_kernels:
+            return m(a) if bias else sk.sparse_upsample_conv2d(a, m.weight)
+        if self.dense_upsample == "folded":
+            return F.conv_transpose2d(a, sk.fold_upsample_weight(m.weight), b, stride=2, padding=1)
+        return F.conv2d(F.interpolate(a, scale_factor=2, mode="nearest"), m.weight, b, padding=1)
+
+    def conv_transpose(self, m: sk.SparseConvTranspose2d, a: Activation, bias: bool = True) -> Tensor:
+        """The transposed conv ``m`` (one of this generator's ``deconvs`` or ``out``) of ``a``; ``bias=False``:
+        without its bias. On the kernels a compact (or dense) ``a`` goes to the sparse transposed conv."""
+        b = m.bias if bias else None
+        if self.runs_on_kernels:
+            return sk.sparse_conv_transpose2d(a, m.weight, b, m.stride, m.padding, m.output_padding)
+        return F.conv_transpose2d(a, m.weight, b, m.stride, m.padding, m.output_padding)
 
     def _fc_map(self, z: Tensor) -> Tensor:
         if z.dim() != 2 or z.shape[1] != self.config.z_dim:
@@ -200,21 +212,21 @@ class SparseGenerator(nn.Module):
         name = self.layer_names[i]
         if self.config.arch == "cvpr":
             blk = self.blocks[i - 1]
-            h = F.relu(self._upconv(blk.up, a))
+            h = F.relu(self.upsample_conv(blk.up, a))
             return self._select(name, F.conv2d(h, blk.conv.weight, None, padding=1), blk.conv.bias)
         m = self.deconvs[i - 1]
-        return self._select(name, self._deconv(m, a, with_bias=False), m.bias)
+        return self._select(name, self.conv_transpose(m, a, bias=False), m.bias)
 
     def _head(self, a: Activation) -> Tensor:
         """From the last sparsified activation to the image (pre-tanh logits)."""
         if self.config.arch == "cvpr":
-            h = F.relu(self._upconv(self.final.up, a))
+            h = F.relu(self.upsample_conv(self.final.up, a))
             h = F.relu(self.final.conv(h))
             return self.out(h)
-        return self._deconv(self.out, a, with_bias=True)
+        return self.conv_transpose(self.out, a)
 
     def _check_input(self, a: Activation) -> Activation:
-        if self.sparse and self.use_kernels:
+        if self.runs_on_kernels:
             return a
         return self._dense(a)  # the torch paths take dense maps
 

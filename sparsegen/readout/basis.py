@@ -24,28 +24,12 @@ from typing import Optional, Sequence, Union
 import sparsegen_kernels as sk
 import torch
 import torch.nn.functional as F
-from sparsegen_kernels.reference import compact_gather_ref
+from sparsegen_kernels.ops import compact_gather
 from torch import Tensor
 
 from .andor import LayerParse, ParseGraph, model_meta, parse_activations
 
 Activation = Union[sk.SparseActivation, Tensor]
-
-
-def _upconv(m, a: Activation, with_bias: bool) -> Tensor:
-    """Nearest x2 + 3x3 conv of ``a`` with the parameters of ``m`` (a ``SparseUpsampleConv2d``)."""
-    b = m.bias if with_bias else None
-    if isinstance(a, sk.SparseActivation):
-        return sk.sparse_upsample_conv2d(a, m.weight, b, folded_weight=m.folded_weight())
-    return F.conv2d(F.interpolate(a, scale_factor=2, mode="nearest"), m.weight, b, padding=1)
-
-
-def _deconv(m, a: Activation, with_bias: bool) -> Tensor:
-    """Transposed conv of ``a`` with the parameters of ``m`` (a ``SparseConvTranspose2d``)."""
-    b = m.bias if with_bias else None
-    if isinstance(a, sk.SparseActivation):
-        return sk.sparse_conv_transpose2d(a, m.weight, b, m.stride, m.padding, m.output_padding)
-    return F.conv_transpose2d(a, m.weight, b, m.stride, m.padding, m.output_padding)
 
 
 class FixedParse:
@@ -72,9 +56,10 @@ class FixedParse:
             self._relu: dict = {}
             if self.arch == "cvpr":
                 for j in range(1, len(self.names)):
-                    self._relu[j] = _upconv(generator.blocks[j - 1].up, self.acts[self.names[j - 1]], True) > 0
+                    h = generator.upsample_conv(generator.blocks[j - 1].up, self.acts[self.names[j - 1]])
+                    self._relu[j] = h > 0
                 fin = generator.final
-                h1 = _upconv(fin.up, self.acts[self.names[-1]], True)
+                h1 = generator.upsample_conv(fin.up, self.acts[self.names[-1]])
                 self._final1 = h1 > 0
                 self._final2 = F.conv2d(torch.relu(h1), fin.conv.weight, fin.conv.bias, padding=1) > 0
 
@@ -91,7 +76,7 @@ class FixedParse:
         U = y.shape[0]
         if isinstance(act, sk.SparseActivation):
             idx = act.indices[n:n + 1].expand(U, -1, -1).contiguous()
-            vals = compact_gather_ref(y, idx, act.mode) * (act.values[n:n + 1] > 0).to(y.dtype)
+            vals = compact_gather(y.contiguous(), idx, act.mode) * (act.values[n:n + 1] > 0).to(y.dtype)
             return sk.SparseActivation(vals.contiguous(), idx, (U,) + tuple(act.shape[1:]), act.mode)
         return y * (act[n:n + 1] > 0).to(y.dtype)
 
@@ -101,10 +86,11 @@ class FixedParse:
         g = self.g
         if self.arch == "cvpr":
             blk = g.blocks[j - 1]
-            h = _upconv(blk.up, a, with_bias) * self._relu[j][n:n + 1].to(a.dtype)
+            h = g.upsample_conv(blk.up, a, with_bias)
+            h = h * self._relu[j][n:n + 1].to(h.dtype)
             y = F.conv2d(h, blk.conv.weight, blk.conv.bias if with_bias else None, padding=1)
         else:
-            y = _deconv(g.deconvs[j - 1], a, with_bias)
+            y = g.conv_transpose(g.deconvs[j - 1], a, with_bias)
         return self._restrict(j, n, y)
 
     def head(self, n: int, a: Activation, with_bias: bool = True) -> Tensor:
@@ -112,11 +98,12 @@ class FixedParse:
         g = self.g
         if self.arch == "cvpr":
             fin = g.final
-            h = _upconv(fin.up, a, with_bias) * self._final1[n:n + 1].to(a.dtype)
+            h = g.upsample_conv(fin.up, a, with_bias)
+            h = h * self._final1[n:n + 1].to(h.dtype)
             h = F.conv2d(h, fin.conv.weight, fin.conv.bias if with_bias else None, padding=1)
             h = h * self._final2[n:n + 1].to(h.dtype)
             return F.conv2d(h, g.out.weight, g.out.bias if with_bias else None, padding=1)
-        return _deconv(g.out, a, with_bias)
+        return g.conv_transpose(g.out, a, with_bias)
 
     def propagate(self, n: int, layer: str, a: Activation, with_bias: bool = True) -> Tensor:
         """Pre-tanh output of image ``n``'s masked network fed ``a`` (batch ``U``) at ``layer``."""
@@ -331,14 +318,14 @@ def kernel_dictionary(generator, layer: str, batch_size: int = 64, mode: str = "
         for j in range(i + 1, len(names)):
             if g.config.arch == "cvpr":
                 blk = g.blocks[j - 1]
-                x = F.conv2d(_upconv(blk.up, x, False), blk.conv.weight, None, padding=1)
+                x = F.conv2d(g.upsample_conv(blk.up, x, bias=False), blk.conv.weight, None, padding=1)
             else:
-                x = _deconv(g.deconvs[j - 1], x, False)
+                x = g.conv_transpose(g.deconvs[j - 1], x, bias=False)
         if g.config.arch == "cvpr":
-            x = F.conv2d(_upconv(g.final.up, x, False), g.final.conv.weight, None, padding=1)
+            x = F.conv2d(g.upsample_conv(g.final.up, x, bias=False), g.final.conv.weight, None, padding=1)
             x = F.conv2d(x, g.out.weight, None, padding=1)
         else:
-            x = _deconv(g.out, x, False)
+            x = g.conv_transpose(g.out, x, bias=False)
         outs.append(x)
     return torch.cat(outs)
 
