@@ -2,7 +2,7 @@
 // below; the Python registry (SCHEMAS in sparsegen_kernels/ops.py, which declares the same schemas when this
 // extension is missing) is checked against these by tests/test_ops.py. Each backend adds its kernels in its
 // own file with TORCH_LIBRARY_IMPL:
-//   csrc/cpu/*.cpp   -> sparsegen, CPU
+//   csrc/cpu/*.cpp   -> sparsegen, CPU (and the internal _sparsegen_cpu upsample-conv kernels for sparse inputs)
 //   csrc/cuda/*.cu   -> _sparsegen_cuda, CUDA: the CUDA C++ providers, internal ops of the same names and
 //                       schemas; the public ops' CUDA kernels choose between them and the Triton kernels in
 //                       sparsegen_kernels/backend.py
@@ -73,3 +73,14 @@ TORCH_LIBRARY(sparsegen, m) {
 
 // The CUDA C++ providers: internal, the same names and schemas as the public kernel ops.
 TORCH_LIBRARY(_sparsegen_cuda, m) { SPARSEGEN_KERNEL_OPS(SPARSEGEN_DEF) }
+
+// Internal CPU kernels of the upsample-conv on the 3x3 weight for very sparse compact inputs
+// (csrc/cpu/upsample_cpu.cpp; sparsegen_kernels/ops.py routes the public upsample-conv ops to them).
+TORCH_LIBRARY(_sparsegen_cpu, m) {
+  m.def("upsample_conv_direct(Tensor values, Tensor indices, str mode, SymInt[] in_shape, Tensor weight, "
+        "Tensor? bias) -> Tensor");
+  m.def("upsample_conv_direct_input_grad(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, "
+        "Tensor weight) -> Tensor");
+  m.def("upsample_conv_direct_weight_grad(Tensor grad_out, Tensor values, Tensor indices, str mode, "
+        "SymInt[] in_shape) -> Tensor");
+}

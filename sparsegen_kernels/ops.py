@@ -290,66 +290,51 @@ def _backward_upsample_conv(ctx, grad_out):
 
 
 # ---------------------------------------------------------------------------------------------------
-# CPU kernels of the upsample-conv ops: the fold, then the transposed-conv ops. After a channel / global
-# top-k that picks few channels (the FC layer: 8 of 3200 per position) only the picked input channels are
-# folded. Counting them waits for the data, which costs nothing on the CPU; the GPU providers
-# (backend.py) never count.
+# CPU kernels of the upsample-conv ops. Very sparse compact inputs (a channel / global top-k that keeps at most
+# DIRECT_MAX_DENSITY of the group: the FC layer's 8 of 3200) run the fold-free kernels of csrc/cpu/upsample_cpu.cpp,
+# which read only the surviving channels' rows of the 3x3 weight; denser inputs fold the weight to the stride-2
+# 4x4 transposed conv.
 # ---------------------------------------------------------------------------------------------------
-# Fold only the input channels the selection touches when they are at most this fraction of all channels.
-TOUCHED_CHANNEL_FRACTION = 0.75
+DIRECT_MAX_DENSITY = 1.0 / 16
 
 
-def _touched_channels(indices: Optional[Tensor], mode: str, in_shape: Sequence[int]):
-    """``(channels, sub_indices, sub_shape)`` restricting a ``channel``/``global`` compact input to the input
-    channels it selects, or None where that would not pay (spatial mode, dense input, most channels touched).
+def _direct(name: str):
+    return getattr(torch.ops._sparsegen_cpu, name).default
 
-    ``channels [U]`` (sorted) are the touched channels; ``sub_indices`` address the same entries of an input of
-    ``sub_shape = [N, U, H, W]``.
-    """
+
+def _uses_direct_cpu_kernels(indices: Optional[Tensor], mode: str, in_shape: Sequence[int]) -> bool:
     if indices is None or mode == "spatial":
-        return None
+        return False
     N, C, H, W = in_shape
-    # With as many picks as twice the channels, most channels are touched anyway (1 - e^-2 = 86% for uniform
-    # picks): skip the count.
-    if indices.numel() >= 2 * C:
-        return None
-    idx = indices.long()
-    channel = idx if mode == "channel" else torch.div(idx, H * W, rounding_mode="floor")
-    channels, inverse = torch.unique(channel, sorted=True, return_inverse=True)
-    if channels.numel() > TOUCHED_CHANNEL_FRACTION * C:
-        return None
-    sub = inverse if mode == "channel" else inverse * (H * W) + idx % (H * W)
-    return channels, sub.to(indices.dtype), [N, channels.numel(), H, W]
-
-
-def _restricted(indices, mode, in_shape, weight):
-    """``(channels or None, indices, in_shape, weight3)`` of the problem restricted to the touched channels."""
-    touched = _touched_channels(indices, mode, in_shape)
-    if touched is None:
-        return None, indices, list(in_shape), weight
-    channels, sub_indices, sub_shape = touched
-    return channels, sub_indices, sub_shape, weight.index_select(1, channels)
+    size = C if mode == "channel" else C * H * W
+    if indices.shape[-1] > DIRECT_MAX_DENSITY * size:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("_sparsegen_cpu::upsample_conv_direct", "CPU")
+    except RuntimeError:
+        return False
 
 
 def _upsample_conv_cpu(values, indices, mode, in_shape, weight, bias):
-    _, idx, shape, w3 = _restricted(indices, mode, in_shape, weight)
-    return sparse_conv_transpose2d(values, idx, mode, shape, fold_upsample_weight(w3), bias, [2, 2], [1, 1], [0, 0])
+    if _uses_direct_cpu_kernels(indices, mode, in_shape):
+        return _direct("upsample_conv_direct")(values, indices, mode, in_shape, weight, bias)
+    return sparse_conv_transpose2d(values, indices, mode, in_shape, fold_upsample_weight(weight), bias, [2, 2],
+                                   [1, 1], [0, 0])
 
 
 def _upsample_input_grad_cpu(grad_out, indices, mode, in_shape, weight):
-    _, idx, shape, w3 = _restricted(indices, mode, in_shape, weight)
-    return sparse_conv_transpose2d_input_grad(grad_out, idx, mode, shape, fold_upsample_weight(w3), [2, 2], [1, 1])
+    if _uses_direct_cpu_kernels(indices, mode, in_shape):
+        return _direct("upsample_conv_direct_input_grad")(grad_out, indices, mode, in_shape, weight)
+    return sparse_conv_transpose2d_input_grad(grad_out, indices, mode, in_shape, fold_upsample_weight(weight), [2, 2],
+                                              [1, 1])
 
 
 def _upsample_weight_grad_cpu(grad_out, values, indices, mode, in_shape):
-    Cout, Cin = grad_out.shape[1], in_shape[1]
-    channels, idx, shape = _restricted(indices, mode, in_shape, grad_out.new_empty(0, Cin, 3, 3))[:3]
-    gw4 = sparse_conv_transpose2d_weight_grad(grad_out, values, idx, mode, shape, [shape[1], Cout, 4, 4], [2, 2],
-                                              [1, 1])
-    gw3 = unfold_upsample_weight_grad(gw4)
-    if channels is None:
-        return gw3
-    return gw3.new_zeros((Cout, Cin, 3, 3)).index_copy_(1, channels, gw3)
+    if _uses_direct_cpu_kernels(indices, mode, in_shape):
+        return _direct("upsample_conv_direct_weight_grad")(grad_out, values, indices, mode, in_shape)
+    gw4 = sparse_conv_transpose2d_weight_grad(grad_out, values, indices, mode, in_shape,
+                                              [in_shape[1], grad_out.shape[1], 4, 4], [2, 2], [1, 1])
+    return unfold_upsample_weight_grad(gw4)
 
 
 _PYTHON_CPU_KERNELS = {

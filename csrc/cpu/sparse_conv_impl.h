@@ -91,9 +91,17 @@ static inline void fwd_taps(const int32_t* ch, const T* val, int64_t ne, const T
                             const int64_t* woff, T* bp, const int64_t* boff, int64_t ntaps) {
   for (int64_t t0 = 0; t0 < ntaps;) {
     const int64_t left = ntaps - t0;
+    // One pass over the entries per block of taps: a 3x3 kernel (9 taps) takes one pass of 9, not 8 + 1 (a
+    // lone tap has one accumulator, a chain of dependent FMAs as long as the entry list).
     if (left >= 16) {
       fwd_micro<T, 16, Packed>(ch, val, ne, Wc, cstride, woff + t0, bp, boff + t0);
       t0 += 16;
+    } else if (left >= 12) {
+      fwd_micro<T, 12, Packed>(ch, val, ne, Wc, cstride, woff + t0, bp, boff + t0);
+      t0 += 12;
+    } else if (left >= 9) {
+      fwd_micro<T, 9, Packed>(ch, val, ne, Wc, cstride, woff + t0, bp, boff + t0);
+      t0 += 9;
     } else if (left >= 8) {
       fwd_micro<T, 8, Packed>(ch, val, ne, Wc, cstride, woff + t0, bp, boff + t0);
       t0 += 8;
