@@ -168,7 +168,7 @@ main() {
   run_step kernels-registered 60 "$PY" -c "
 import torch, sparsegen_kernels  # noqa: F401
 from sparsegen_kernels import backend, ops
-missing = [o for o in ops.OP_NAMES if not backend.cuda_available(o)]
+missing = [o for o in ops.PROVIDER_OPS if not backend.cuda_available(o)]
 print('CUDA C++ providers missing for:', missing or 'none')
 raise SystemExit(1 if missing else 0)"
 

@@ -51,7 +51,10 @@ PyObject* PyInit__C(void) {
     "(Tensor grad_out, Tensor values, Tensor? indices, str mode, SymInt[] in_shape, SymInt[] weight_shape, "   \
     "int[] stride, int[] padding) -> Tensor")
 
-// Ops composed in Python from the ones above (sparsegen_kernels/ops.py and backend.py): the upsample-conv,
+// Ops composed in Python from the ones above (sparsegen_kernels/ops.py and backend.py). The stride-1 conv of a
+// dense input that skips its exact zeros, conv2d(input, weight [Cout, Cin, kh, kw], bias, padding) (a transposed
+// conv with the flipped, transposed weight, where the input is sparse enough; the dense conv elsewhere), and its
+// weight gradient; the upsample-conv,
 //   out = conv2d(interpolate(dense(input), scale_factor=2, mode="nearest"), weight, bias, padding=1),
 //   weight [Cout, Cin, 3, 3] -> out [N, Cout, 2H, 2W], never materialising the upsampled map (the kernels fold
 //   the weight into a stride-2 4x4 transposed conv or, for very sparse inputs, work on the 3x3 weight);
@@ -62,7 +65,9 @@ PyObject* PyInit__C(void) {
   X(sparse_upsample_conv2d_input_grad,                                                                         \
     "(Tensor grad_out, Tensor indices, str mode, SymInt[] in_shape, Tensor weight) -> Tensor")                \
   X(sparse_upsample_conv2d_weight_grad,                                                                        \
-    "(Tensor grad_out, Tensor values, Tensor? indices, str mode, SymInt[] in_shape) -> Tensor")
+    "(Tensor grad_out, Tensor values, Tensor? indices, str mode, SymInt[] in_shape) -> Tensor")                 \
+  X(sparse_conv2d, "(Tensor input, Tensor weight, Tensor? bias, int[] padding) -> Tensor")                        \
+  X(sparse_conv2d_weight_grad, "(Tensor grad_out, Tensor input, SymInt[] weight_shape, int[] padding) -> Tensor")
 
 #define SPARSEGEN_DEF(name, schema) m.def(#name schema);
 

@@ -155,3 +155,34 @@ def sparse_upsample_conv2d(inp: SparseOrDense, weight: Tensor, bias: Optional[Te
     values, indices, mode, in_shape = _unpack_input(inp)
     _check_conv_args(values, in_shape, weight.transpose(0, 1), bias)
     return ops.sparse_upsample_conv2d(values, indices, mode, in_shape, weight, bias)
+
+
+def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, padding=0) -> Tensor:
+    """Stride-1 ``F.conv2d(input, weight, bias, padding=padding)`` that skips the exact zeros of ``input``.
+
+    ``input [N, Cin, H, W]`` (dense; typically an activation's output), ``weight [Cout, Cin, kh, kw]``,
+    ``bias [Cout]`` -> ``[N, Cout, H + 2 * ph - kh + 1, W + 2 * pw - kw + 1]``. On the CPU the sparse kernel runs
+    where the input is sparse enough to beat the dense convolution (:func:`sparsegen_kernels.ops.
+    sparse_conv2d_crossover`), the dense one elsewhere; on a GPU this is cuDNN's convolution. The gradient
+    with respect to ``input`` is the convolution's exact (dense) gradient.
+    """
+    _check_float_tensor("input", input, 4)
+    _check_float_tensor("weight", weight, 4)
+    if weight.shape[1] != input.shape[1]:
+        raise ValueError(f"weight [Cout, Cin, kh, kw] = {tuple(weight.shape)} does not match the input's "
+                         f"{input.shape[1]} channels")
+    _check_same_device_dtype("weight", weight, "input", input)
+    if bias is not None:
+        _check_float_tensor("bias", bias, 1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [{weight.shape[0]}] (one per output channel), "
+                             f"got {tuple(bias.shape)}")
+        _check_same_device_dtype("bias", bias, "input", input)
+    padding = _pair("padding", padding)
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    for i in range(2):
+        if input.shape[2 + i] + 2 * padding[i] - weight.shape[2 + i] + 1 < 1:
+            raise ValueError(f"padding {padding} leaves an empty output for input {tuple(input.shape)} and weight "
+                             f"{tuple(weight.shape)}")
+    return ops.sparse_conv2d(input, weight, bias, padding)

@@ -43,10 +43,17 @@ SCHEMAS = {
                                          "Tensor weight) -> Tensor",
     "sparse_upsample_conv2d_weight_grad": "(Tensor grad_out, Tensor values, Tensor? indices, str mode, "
                                           "SymInt[] in_shape) -> Tensor",
+    "sparse_conv2d": "(Tensor input, Tensor weight, Tensor? bias, int[] padding) -> Tensor",
+    "sparse_conv2d_weight_grad": "(Tensor grad_out, Tensor input, SymInt[] weight_shape, int[] padding) -> Tensor",
 }
 OP_NAMES = tuple(SCHEMAS)
+# Ops whose CUDA kernel is PyTorch's own (cuDNN) rather than a choice between the CUDA C++ and Triton providers.
+CUDNN_OPS = ("sparse_conv2d", "sparse_conv2d_weight_grad")
+#: Ops whose CUDA kernel runs the provider chosen by sparsegen_kernels.backend.
+PROVIDER_OPS = tuple(n for n in SCHEMAS if n not in CUDNN_OPS)
 # Ops whose CPU kernels are compositions of the other ops, written in Python below (not in csrc/cpu).
-PYTHON_CPU_OPS = ("sparse_upsample_conv2d", "sparse_upsample_conv2d_input_grad", "sparse_upsample_conv2d_weight_grad")
+PYTHON_CPU_OPS = ("sparse_upsample_conv2d", "sparse_upsample_conv2d_input_grad", "sparse_upsample_conv2d_weight_grad",
+                  "sparse_conv2d", "sparse_conv2d_weight_grad")
 
 
 def _op(name: str):
@@ -118,6 +125,18 @@ def sparse_upsample_conv2d_weight_grad(grad_out: Tensor, values: Tensor, indices
     return _op("sparse_upsample_conv2d_weight_grad")(grad_out, values, indices, mode, list(in_shape))
 
 
+def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], padding: Sequence[int]) -> Tensor:
+    """Stride-1 ``conv2d(input, weight [Cout, Cin, kh, kw], bias, padding)`` skipping the exact zeros of the dense
+    ``input [N, Cin, H, W]`` -> ``[N, Cout, H + 2ph - kh + 1, W + 2pw - kw + 1]``."""
+    return _op("sparse_conv2d")(input, weight, bias, list(padding))
+
+
+def sparse_conv2d_weight_grad(grad_out: Tensor, input: Tensor, weight_shape: Sequence[int],
+                              padding: Sequence[int]) -> Tensor:
+    """``d out / d weight`` of :func:`sparse_conv2d`, summed over the non-zeros of ``input`` -> ``weight_shape``."""
+    return _op("sparse_conv2d_weight_grad")(grad_out, input, list(weight_shape), list(padding))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes and dtypes only
 # ---------------------------------------------------------------------------------------------------
@@ -173,6 +192,16 @@ def _fake_upsample_input_grad(grad_out, indices, mode, in_shape, weight):
 
 def _fake_upsample_weight_grad(grad_out, values, indices, mode, in_shape):
     return grad_out.new_empty((grad_out.shape[1], in_shape[1], 3, 3))
+
+
+def _fake_sparse_conv2d(input, weight, bias, padding):
+    N, _, H, W = input.shape
+    return input.new_empty((N, weight.shape[0], H + 2 * padding[0] - weight.shape[2] + 1,
+                            W + 2 * padding[1] - weight.shape[3] + 1))
+
+
+def _fake_sparse_conv2d_weight_grad(grad_out, input, weight_shape, padding):
+    return grad_out.new_empty(list(weight_shape))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,6 +318,76 @@ def _backward_upsample_conv(ctx, grad_out):
     return grad_values, None, None, None, grad_weight, grad_bias
 
 
+def _setup_sparse_conv2d(ctx, inputs, output):
+    input, weight, bias, padding = inputs
+    ctx.padding = list(padding)
+    ctx.save_for_backward(input, weight)
+
+
+def _backward_sparse_conv2d(ctx, grad_out):
+    input, weight = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:  # the exact gradient of the conv: dense, as the zeros of the input are inputs too
+        grad_input = F.conv_transpose2d(grad_out, weight, padding=ctx.padding)
+    if ctx.needs_input_grad[1]:
+        grad_weight = sparse_conv2d_weight_grad(grad_out, input, weight.shape, ctx.padding)
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad_out.sum((0, 2, 3))
+    return grad_input, grad_weight, grad_bias, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stride-1 conv that skips the zeros of its input. On the CPU the sparse kernel (the transposed conv with the
+# flipped, transposed weight over the non-zeros) runs where the input is sparse enough to beat the dense conv;
+# the densities below are measured crossovers (2 cores, batch 16, 3x3: 20% with 512 channels, 14% with 128,
+# 6% with 64; benchmarks/results/sparse_conv2d_cpu.json), interpolated in log2 of the channels. At the ~50%
+# density of a ReLU's output the dense conv wins, so it runs there. On a GPU the op is cuDNN's conv.
+# ---------------------------------------------------------------------------------------------------
+def sparse_conv2d_crossover(in_channels: int) -> float:
+    """Input density below which the CPU sparse stride-1 conv beats the dense one, for ``in_channels``."""
+    import math
+
+    return min(0.20, max(0.06, 0.06 + 0.08 * math.log2(max(in_channels, 1) / 64)))
+
+
+def _sparse_enough(input: Tensor) -> bool:
+    return torch.count_nonzero(input).item() < sparse_conv2d_crossover(input.shape[1]) * input.numel()
+
+
+def _transposed_padding(kernel: Sequence[int], padding: Sequence[int]) -> Optional[list]:
+    """The padding of the stride-1 transposed conv (flipped, transposed weight) equal to a conv with ``padding``:
+    ``k - 1 - p`` per axis, or None where that is negative (a padding wider than the kernel)."""
+    tp = [k - 1 - p for k, p in zip(kernel, padding)]
+    return tp if min(tp) >= 0 else None
+
+
+def _sparse_conv2d_cpu(input, weight, bias, padding):
+    tp = _transposed_padding(weight.shape[2:], padding)
+    if tp is None or not _sparse_enough(input):
+        return F.conv2d(input, weight, bias, padding=padding).contiguous()
+    return sparse_conv_transpose2d(input, None, "spatial", list(input.shape), weight.flip(2, 3).transpose(0, 1), bias,
+                                   [1, 1], tp, [0, 0])
+
+
+def _sparse_conv2d_weight_grad_cpu(grad_out, input, weight_shape, padding):
+    Cout, Cin, kh, kw = weight_shape
+    tp = _transposed_padding((kh, kw), padding)
+    if tp is None or not _sparse_enough(input):
+        return torch.nn.grad.conv2d_weight(input, list(weight_shape), grad_out, padding=padding).contiguous()
+    gwt = sparse_conv_transpose2d_weight_grad(grad_out, input, None, "spatial", list(input.shape), [Cin, Cout, kh, kw],
+                                              [1, 1], tp)
+    return gwt.transpose(0, 1).flip(2, 3).contiguous()
+
+
+def _sparse_conv2d_dense(input, weight, bias, padding):
+    return F.conv2d(input, weight, bias, padding=padding).contiguous()
+
+
+def _sparse_conv2d_weight_grad_dense(grad_out, input, weight_shape, padding):
+    return torch.nn.grad.conv2d_weight(input, list(weight_shape), grad_out, padding=padding).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------
 # CPU kernels of the upsample-conv ops. Very sparse compact inputs (a channel / global top-k that keeps at most
 # DIRECT_MAX_DENSITY of the group: the FC layer's 8 of 3200) run the fold-free kernels of csrc/cpu/upsample_cpu.cpp,
@@ -338,6 +437,8 @@ def _upsample_weight_grad_cpu(grad_out, values, indices, mode, in_shape):
 
 
 _PYTHON_CPU_KERNELS = {
+    "sparse_conv2d": _sparse_conv2d_cpu,
+    "sparse_conv2d_weight_grad": _sparse_conv2d_weight_grad_cpu,
     "sparse_upsample_conv2d": _upsample_conv_cpu,
     "sparse_upsample_conv2d_input_grad": _upsample_input_grad_cpu,
     "sparse_upsample_conv2d_weight_grad": _upsample_weight_grad_cpu,
@@ -395,6 +496,8 @@ _REFERENCE_KERNELS = {
     "sparse_upsample_conv2d": _ref_upsample_conv,
     "sparse_upsample_conv2d_input_grad": _ref_upsample_input_grad,
     "sparse_upsample_conv2d_weight_grad": _ref_upsample_weight_grad,
+    "sparse_conv2d": _sparse_conv2d_dense,
+    "sparse_conv2d_weight_grad": _sparse_conv2d_weight_grad_dense,
 }
 
 
@@ -448,6 +551,8 @@ def register() -> None:
         "sparse_upsample_conv2d": _fake_upsample_conv,
         "sparse_upsample_conv2d_input_grad": _fake_upsample_input_grad,
         "sparse_upsample_conv2d_weight_grad": _fake_upsample_weight_grad,
+        "sparse_conv2d": _fake_sparse_conv2d,
+        "sparse_conv2d_weight_grad": _fake_sparse_conv2d_weight_grad,
     }
     for name, fake in fakes.items():
         torch.library.register_fake(f"{_LIB}::{name}", fake)
@@ -459,6 +564,7 @@ def register() -> None:
         "compact_gather": (_backward_compact_gather, _setup_compact_gather),
         "sparse_conv_transpose2d": (_backward_sparse_conv, _setup_sparse_conv),
         "sparse_upsample_conv2d": (_backward_upsample_conv, _setup_upsample_conv),
+        "sparse_conv2d": (_backward_sparse_conv2d, _setup_sparse_conv2d),
     }
     for name, (bwd, setup) in autograd.items():
         torch.library.register_autograd(f"{_LIB}::{name}", bwd, setup_context=setup)
@@ -474,9 +580,11 @@ def register() -> None:
         for name in missing_cpu:
             torch.library.register_kernel(f"{_LIB}::{name}", "cpu", _contiguous_outputs(_REFERENCE_KERNELS[name]))
 
-    for name in OP_NAMES:
+    for name in PROVIDER_OPS:
         torch.library.register_kernel(f"{_LIB}::{name}", "cuda",
                                      backend.cuda_dispatcher(name, _contiguous_outputs(_REFERENCE_KERNELS[name])))
+    for name in CUDNN_OPS:
+        torch.library.register_kernel(f"{_LIB}::{name}", "cuda", _REFERENCE_KERNELS[name])
 
     global _AUTOCAST_LIB
     _AUTOCAST_LIB = torch.library.Library(_LIB, "IMPL")

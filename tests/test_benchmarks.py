@@ -16,6 +16,16 @@ def _bench(script, *args, check=True):
                           capture_output=True, text=True, timeout=600, check=check)
 
 
+def test_stride1_conv_benchmark_measures_dense_sparse_and_the_op(tmp_path):
+    out = tmp_path / "result.json"
+    proc = _bench("bench_sparse_conv2d.py", "--quick", "--threads", "1", "--out", str(out))
+    assert "results:" in proc.stdout, proc.stdout + proc.stderr
+    run = json.loads(out.read_text())["runs"][-1]
+    assert {r["provider"] for r in run["rows"]} == {"dense", "sparse", "op"}
+    for r in run["rows"]:
+        assert r["ms"] > 0 and 0 < r["measured_density"] <= 1 and r["speedup_vs_dense"] > 0, r
+
+
 @pytest.mark.parametrize("script,ops", [("bench_topk.py", {"mask", "compact"}),
                                         ("bench_sparse_conv.py", {"fwd", "fwd_prefolded", "fold", "in_grad",
                                                                   "w_grad", "in_grad_prefolded", "w_grad_prefolded",

@@ -18,7 +18,7 @@ import sparsegen_kernels as sk
 from sparsegen_kernels import ops, reference
 from sparsegen_kernels import geometry
 from conftest import device_dtype_params, device_params, gpu_params
-from tolerance import assert_all_within_torch_error, assert_within_torch_error, no_tf32
+from tolerance import assert_all_within_torch_error, assert_close_float64, assert_within_torch_error, no_tf32
 
 MODES = ["spatial", "channel", "global"]
 SHAPES = [(2, 3, 5, 7), (1, 8, 4, 4), (3, 7, 1, 9)]
@@ -400,7 +400,49 @@ def opcheck_samples(device):
             ("sparse_upsample_conv2d_input_grad", (g, ss.indices, "channel", shape_s, w3s.detach())),
             ("sparse_upsample_conv2d_weight_grad", (g, values_s.detach(), ss.indices, "channel", shape_s)),
         ]
+    xr = torch.relu(torch.randn(2, 4, 5, 6, device=device)) * (torch.rand(2, 4, 5, 6, device=device) < 0.1)
+    wc = torch.randn(3, 4, 3, 3, device=device, requires_grad=True)
+    gc = torch.randn(2, 3, 5, 6, device=device)
+    samples += [
+        ("sparse_conv2d", (xr.clone().requires_grad_(), wc, b[:3].detach().clone().requires_grad_(), [1, 1])),
+        ("sparse_conv2d", (torch.relu(torch.randn(2, 4, 5, 6, device=device)), wc, None, [0, 1])),
+        ("sparse_conv2d_weight_grad", (gc, xr, list(wc.shape), [1, 1])),
+    ]
     return samples
+
+
+@on_devices
+@pytest.mark.parametrize("density", [0.5, 0.03])
+def test_sparse_conv2d_equals_conv2d_with_its_gradients(device, density):
+    """Both sides of the density crossover (dense conv / sparse kernel on the CPU), against F.conv2d in float64."""
+    x = torch.relu(torch.randn(2, 70, 6, 5, device=device, dtype=torch.float64))
+    x = (x * (torch.rand_like(x) < 2 * density)).requires_grad_()
+    w = torch.randn(6, 70, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=torch.float64, requires_grad=True)
+    if device == "cpu":
+        assert ops._sparse_enough(x.detach()) == (density < 0.1)
+    go = torch.randn(2, 6, 6, 5, device=device, dtype=torch.float64)
+    out = sk.sparse_conv2d(x, w, b, padding=1)
+    ref = F.conv2d(x, w, b, padding=1)
+    assert_close_float64(out, ref, "output")
+    for name, a, e in zip(("input", "weight", "bias"), torch.autograd.grad(out, (x, w, b), go),
+                          torch.autograd.grad(ref, (x, w, b), go)):
+        assert_close_float64(a, e, f"grad {name}")
+    assert torch.autograd.gradcheck(lambda x, w, b: sk.sparse_conv2d(x, w, b, (1, 0)),
+                                    (x[:1, :8].detach().requires_grad_(), w[:2, :8].detach().requires_grad_(),
+                                     b[:2].detach().requires_grad_()))
+
+
+def test_sparse_conv2d_bad_inputs_name_the_problem():
+    x, w = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3)
+    with pytest.raises(ValueError, match="does not match the input's 3 channels"):
+        sk.sparse_conv2d(x, torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        sk.sparse_conv2d(x, w, torch.randn(3))
+    with pytest.raises(TypeError, match="dtype"):
+        sk.sparse_conv2d(x, w.double())
+    with pytest.raises(ValueError, match="empty output"):
+        sk.sparse_conv2d(x, torch.randn(2, 3, 7, 7))
 
 
 def test_op_registry_matches_the_compiled_schemas():

@@ -56,7 +56,7 @@ def k_for(mode, shape, frac=0.3):
 # Providers table
 # ---------------------------------------------------------------------------------------------------
 def test_providers_complete():
-    assert set(PROVIDERS) == set(ops.OP_NAMES)
+    assert set(PROVIDERS) == set(ops.PROVIDER_OPS)
 
 
 # ---------------------------------------------------------------------------------------------------
