@@ -119,3 +119,56 @@ class SparseConvTranspose2d(nn.ConvTranspose2d):
             raise ValueError("SparseConvTranspose2d does not take output_size; set output_padding instead")
         return SF.sparse_conv_transpose2d(inp, self.weight, self.bias, self.stride, self.padding,
                                           self.output_padding)
+
+
+def compact_conv2d(inp, weight: Tensor, bias: Optional[Tensor] = None, padding=(0, 0)) -> Tensor:
+    """``F.conv2d(dense(inp), weight, bias, stride=1, padding=padding)``, skipping the zeros of ``inp``.
+
+    A stride-1 convolution is the transposed convolution of the flipped, transposed weight with padding
+    ``kernel - 1 - padding``; ``0 <= padding <= kernel - 1`` per dimension. ``weight [Cout, Cin, kh, kw]``.
+    """
+    kh, kw = weight.shape[2:]
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    if not (0 <= ph <= kh - 1 and 0 <= pw <= kw - 1):
+        raise ValueError(f"compact_conv2d needs 0 <= padding <= kernel - 1, got padding {(ph, pw)} for a "
+                         f"{(kh, kw)} kernel")
+    # [Cin, Cout, kh, kw] over [Cin, kh, kw, Cout] storage: output channels contiguous, as the kernels read them.
+    flipped = weight.flip(2, 3).permute(1, 2, 3, 0).contiguous().permute(0, 3, 1, 2)
+    return SF.sparse_conv_transpose2d(inp, flipped, bias, stride=1, padding=(kh - 1 - ph, kw - 1 - pw))
+
+
+class SparseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with stride 1 (same constructor and parameters) that accepts a :class:`SparseActivation`.
+
+    ``forward(inp)``: compact or dense ``[N, Cin, H, W]`` -> ``[N, Cout, Ho, Wo]``, computed by
+    :func:`compact_conv2d` on the surviving entries. Supports stride 1, ``dilation=1``, ``groups=1``, zero padding
+    with ``0 <= padding <= kernel - 1`` (``"same"`` for odd kernels, ``"valid"``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pad = _stride1_padding(self)
+        if self._pad is None:
+            raise ValueError("SparseConv2d supports stride 1, dilation 1, groups 1, padding_mode='zeros' and "
+                             "0 <= padding <= kernel - 1 ('same' with odd kernels)")
+
+    def forward(self, inp) -> Tensor:  # type: ignore[override]
+        return compact_conv2d(inp, self.weight, self.bias, self._pad)
+
+
+def _stride1_padding(m: nn.Conv2d):
+    """The zero padding per dimension of a stride-1 conv the sparse kernels can compute, or None."""
+    if tuple(m.stride) != (1, 1) or tuple(m.dilation) != (1, 1) or m.groups != 1 or m.padding_mode != "zeros":
+        return None
+    return conv2d_zero_padding(tuple(m.kernel_size), m.padding)
+
+
+def conv2d_zero_padding(kernel_size, padding):
+    """``padding`` of a stride-1 conv as a pair, or None where :func:`compact_conv2d` cannot take it ("same" with an
+    even kernel pads unevenly; padding beyond ``kernel - 1`` reads only zeros at the border)."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        return None if any(k % 2 == 0 for k in kernel_size) else tuple(k // 2 for k in kernel_size)
+    pad = tuple(padding) if isinstance(padding, (tuple, list)) else (padding, padding)
+    return pad if all(0 <= p <= k - 1 for p, k in zip(pad, kernel_size)) else None

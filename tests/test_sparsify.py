@@ -82,12 +82,15 @@ def test_dcgan_full_k_reproduces_dense(train):
 def test_upsample_generator_full_k_and_bias_fusion():
     g = UpsampleGenerator().to(F64)
     sites = sparsify_sites(g)
-    assert list(sites) == ["main.1", "main.2.2"]  # the last block's ReLU feeds a same-size conv: no site
+    # The last block's ReLU feeds a stride-1 3x3 conv: a site too (run as a transposed conv).
+    assert list(sites) == ["main.1", "main.2.2", "main.3.2"]
+    assert "conv (3, 3), stride (1, 1), padding (1, 1) 'main.4' (6 -> 3 channels)" in sites["main.3.2"]
     s = sparsify(g, k=1.0)
     assert type(s) is UpsampleGenerator
     assert list(s.state_dict()) == list(g.state_dict())
     assert _params_are_shared(g, s)
     assert isinstance(s.main[2][0], nn.Identity) and isinstance(s.main[2][1], sk.SparseUpsampleConv2d)
+    assert isinstance(s.main[4], sk.SparseConv2d) and s.main[4].weight is g.main[4].weight
     # The block-1 conv hands its bias to the top-k after it.
     assert s.main[2][2]._bias_from is s.main[2][1] and "bias of 'main.2.1'" in repr(s.main[2][2])
     z = torch.randn(4, 6, dtype=F64)
@@ -218,8 +221,8 @@ def test_bad_arguments(kwargs, exc, match):
 
 
 def test_nothing_to_sparsify():
-    with pytest.raises(ValueError, match="found no ReLU"):
-        sparsify(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3)), k=1)
+    with pytest.raises(ValueError, match=r"found no ReLU.*strided conv \(stride \(2, 2\)\)"):
+        sparsify(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3, stride=2)), k=1)
     with pytest.raises(TypeError):
         sparsify(lambda z: z, k=1)
 
