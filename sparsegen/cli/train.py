@@ -14,63 +14,37 @@ import os
 import sys
 from typing import Optional
 
-from ..model.configs import MODEL_CONFIGS, RunConfig, TrainConfig
-from .options import PROG, nonneg_float, nonneg_int, positive_float, positive_int
+from ..model.configs import MODEL_CONFIGS, ModelConfig, RunConfig, TrainConfig
+from ..train.trainer import RESUMABLE
+from .options import PROG, add_config_options, config_options, flag_of, given, positive_int
 
-# option -> TrainConfig field, for the training hyper-parameters that may be given on the command line
-TRAIN_OPTIONS = {
-    "iters": "iters", "batch_size": "batch_size", "sigma": "sigma", "step_size": "step_size",
-    "langevin_steps": "langevin_steps", "lr_g": "lr_g", "lr_d": "lr_d", "critic_weight": "critic_weight",
-    "gp_weight": "gp_weight", "seed": "seed", "device": "device", "amp": "amp", "log_every": "log_every",
-    "sample_every": "sample_every", "ckpt_every": "ckpt_every", "eval_examples": "eval_examples",
-    "langevin_noise": "langevin_noise",
-}
-RESUME_OPTIONS = {"iters", "device", "log_every", "sample_every", "ckpt_every", "eval_examples"}
+#: the options derived from the config dataclasses (see sparsegen.cli.options): RunConfig's own fields, then
+#: Algorithm 1's hyper-parameters, then the architecture's fields (overriding those of --config)
+RUN_OPTIONS = config_options(RunConfig, flags={"sparse": "--dense"})
+TRAIN_OPTIONS = config_options(TrainConfig)
+MODEL_OPTIONS = config_options(ModelConfig)
+DEFAULT_MODEL = RunConfig().model.name
 
 
 def add_subcommands(subparsers) -> dict:
     """Add ``train`` to ``subparsers``; returns ``{"train": handler(args, parser) -> int}``."""
-    t = subparsers.add_parser("train", help="train with Algorithm 1 (alternating back-propagation + energy critic)",
-                       description="Train a sparse generator and its energy critic. Options left out take the "
-                       "defaults of sparsegen.model.configs.TrainConfig (or, with --resume, the run's own values).")
-    t.add_argument("--config", choices=sorted(MODEL_CONFIGS), default=None,
-                   help="model architecture (default cpu32)")
-    t.add_argument("--data", default=None, metavar="SPEC",
-                   help="parts[:n=1024,seed=0] | textures[:n=600,seed=0] | faces | a folder of images (PATH or "
-                   "folder:PATH, PATH@N for the first N); default parts")
+    t = subparsers.add_parser(
+        "train", help="train with Algorithm 1 (alternating back-propagation + energy critic)",
+        description="Train a sparse generator and its energy critic. The options below the first group are the "
+        "fields of sparsegen.model.configs.TrainConfig and ModelConfig; options left out take their defaults "
+        "(with --resume: the run's own values; only --iters and the bookkeeping options may change then).")
     t.add_argument("--out", required=True, metavar="DIR", help="run directory (config, log, checkpoint, pictures)")
-    t.add_argument("--iters", type=positive_int, help="total learning iterations T (with --resume: the new total)")
+    t.add_argument("--config", choices=sorted(MODEL_CONFIGS), default=None,
+                   help=f"the named architecture of sparsegen.model.configs.MODEL_CONFIGS (default {DEFAULT_MODEL})")
+    add_config_options(t, RUN_OPTIONS)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--dry-run", action="store_true", help="write the resolved config.json to --out and stop")
-    t.add_argument("--dense", action="store_true", help="train the same network without top-k (the baseline)")
-    g = t.add_argument_group("Algorithm 1")
-    g.add_argument("--batch-size", type=positive_int, help="examples per iteration (per process)")
-    g.add_argument("--langevin-steps", type=nonneg_int, help="l_G, Langevin steps per iteration")
-    g.add_argument("--step-size", type=positive_float, help="Langevin step size delta (Eq. 13)")
-    g.add_argument("--sigma", type=positive_float, help="observation noise sigma (Eq. 14)")
-    g.add_argument("--no-langevin-noise", dest="langevin_noise", action="store_const", const=False, default=None,
-                   help="drop the noise term of Eq. 13 (gradient ascent to the posterior mode)")
-    g.add_argument("--lr-g", type=positive_float, help="generator learning rate")
-    g.add_argument("--lr-d", type=positive_float, help="critic learning rate")
-    g.add_argument("--critic-weight", type=nonneg_float, help="weight of the critic term Eq. 20 (0: no critic)")
-    g.add_argument("--gp-weight", type=nonneg_float, help="WGAN-GP gradient penalty weight")
-    g.add_argument("--seed", type=nonneg_int, help="random seed of the run")
-    r = t.add_argument_group("run")
-    r.add_argument("--device", help="cpu | cuda | cuda:N (under torchrun: cuda means the local rank's GPU)")
-    r.add_argument("--amp", action="store_const", const=True, default=None, help="bfloat16 autocast (CUDA)")
-    r.add_argument("--log-every", type=positive_int, help="iterations between log lines")
-    r.add_argument("--sample-every", type=positive_int, help="iterations between pictures")
-    r.add_argument("--ckpt-every", type=positive_int, help="iterations between checkpoints")
-    r.add_argument("--eval-examples", type=positive_int, help="examples in the final reconstruction MSE")
-    r.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-
+    t.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_options(t.add_argument_group("Algorithm 1 and its bookkeeping (TrainConfig)"), TRAIN_OPTIONS)
+    add_config_options(t.add_argument_group("architecture (ModelConfig): changes to the fields of --config"),
+                       MODEL_OPTIONS, default_note="that of --config")
     return {"train": cmd_train}
-
-
-# ---- train -------------------------------------------------------------------------------------------
-def _train_overrides(args) -> dict:
-    return {f: getattr(args, opt) for opt, f in TRAIN_OPTIONS.items() if getattr(args, opt, None) is not None}
 
 
 def _resolve_new_run(args, parser) -> RunConfig:
@@ -78,12 +52,28 @@ def _resolve_new_run(args, parser) -> RunConfig:
     from ..data import parse_spec
 
     try:
-        train = TrainConfig(**_train_overrides(args))
-        run = RunConfig(model=args.config or "cpu32", sparse=not args.dense, data=args.data or "parts", train=train)
+        model = MODEL_CONFIGS[args.config or DEFAULT_MODEL]
+        changes = given(args, MODEL_OPTIONS)
+        if changes:
+            model = model.replace(**changes)
+        run = RunConfig(model=model, train=TrainConfig(**given(args, TRAIN_OPTIONS)), **given(args, RUN_OPTIONS))
         parse_spec(run.data)
         return run
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
+
+
+def _refuse_changes_on_resume(args, parser) -> dict:
+    """The TrainConfig changes a resume may make; any other option ends in ``parser.error``."""
+    train = given(args, TRAIN_OPTIONS)
+    fixed = [flag_of(TRAIN_OPTIONS, f) for f in train if f not in RESUMABLE]
+    fixed += [flag_of(RUN_OPTIONS, f) for f in given(args, RUN_OPTIONS)]
+    fixed += [flag_of(MODEL_OPTIONS, f) for f in given(args, MODEL_OPTIONS)]
+    fixed += ["--config"] if args.config else []
+    if fixed:
+        allowed = ", ".join(flag_of(TRAIN_OPTIONS, f) for f in sorted(RESUMABLE))
+        parser.error(f"--resume continues the run as configured; {', '.join(fixed)} cannot change (only {allowed})")
+    return train
 
 
 def cmd_train(args, parser) -> int:
@@ -100,14 +90,7 @@ def cmd_train(args, parser) -> int:
             parser.error("--dry-run and --resume do not go together")
         if not os.path.isfile(ckpt_file):
             parser.error(f"--resume: no checkpoint at {ckpt_file}")
-        given = _train_overrides(args)
-        fixed = sorted(k for k in given if k not in RESUME_OPTIONS)
-        if args.config or args.data or args.dense or fixed:
-            names = [f"--{k.replace('_', '-')}" for k in fixed]
-            names += [o for o, v in (("--config", args.config), ("--data", args.data), ("--dense", args.dense)) if v]
-            parser.error(f"--resume continues the run as configured; {', '.join(names)} cannot change "
-                         f"(only --iters and {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OPTIONS - {'iters'}))})")
-        return _run_training(args, resume_changes={k: v for k, v in given.items()})
+        return _run_training(args, resume_changes=_refuse_changes_on_resume(args, parser))
 
     run = _resolve_new_run(args, parser)
     if args.dry_run:

@@ -1,8 +1,11 @@
 """Configurations: the model architecture (:class:`ModelConfig`), Algorithm 1's hyper-parameters
 (:class:`TrainConfig`) and a whole training run (:class:`RunConfig`).
 
-Every config is a dataclass that checks its values on construction and raises ``ValueError`` naming the
-field, the value and what is allowed. Named architectures live in :data:`MODEL_CONFIGS`:
+Every config is a dataclass that checks its values on construction and raises :class:`ConfigError` (a
+``ValueError``) naming the field, the value and what is allowed; ``check_field(name, value)`` checks one field
+on its own (what the command line does for each option). A field declared on one line with a comment,
+``name: type = default  # what it is``, is an option of ``sparsegen train`` with that comment as its help
+(:mod:`sparsegen.cli.options`). Named architectures live in :data:`MODEL_CONFIGS`:
 
 ==========  ===========================================================================================
 name        architecture
@@ -27,24 +30,42 @@ from typing import Any, Mapping, Union
 ARCHS = ("cvpr", "aaai")
 
 
+class ConfigError(ValueError):
+    """A config field holds a value it does not allow: ``config.field = value is invalid: expected ...``."""
+
+    def __init__(self, config: str, field: str, value: Any, expected: str):
+        super().__init__(f"{config}.{field} = {value!r} is invalid: expected {expected}")
+        self.config, self.field, self.value, self.expected = config, field, value, expected
+
+
 def _fail(cls: str, name: str, value: Any, expected: str) -> None:
-    raise ValueError(f"{cls}.{name} = {value!r} is invalid: expected {expected}")
+    raise ConfigError(cls, name, value, expected)
 
 
 def _check_int(cls: str, name: str, value: Any, lo: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        _fail(cls, name, value, f"an int >= {lo}")
+        _fail(cls, name, value, "a positive integer" if lo == 1 else f"an integer >= {lo}")
 
 
 def _check_float(cls: str, name: str, value: Any, lo: float = 0.0, *, strict: bool = True,
                  hi: float = math.inf) -> None:
+    """A finite number above ``lo`` (``strict``) or at least ``lo``, and at most ``hi``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > lo if strict else value >= lo) and value <= hi
     if not ok:
-        bound = f"> {lo}" if strict else f">= {lo}"
+        what = "a positive number" if strict and lo == 0 else f"a number {'>' if strict else '>='} {_num(lo)}"
         if hi < math.inf:
-            bound += f" and <= {hi}"
-        _fail(cls, name, value, f"a finite number {bound}")
+            what += f" and <= {_num(hi)}"
+        _fail(cls, name, value, what)
+
+
+def _num(x: float) -> Union[int, float]:
+    return int(x) if float(x).is_integer() else x
+
+
+def _check_bool(cls: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(cls, name, value, "a bool")
 
 
 def _check_int_tuple(cls: str, name: str, value: Any, *, allow_empty: bool = False) -> None:
@@ -76,24 +97,34 @@ class ModelConfig:
     critic_channels: tuple = (64, 128, 256, 512)  # critic: [avg-pool /2, conv, conv] stages
     critic_slope: float = 0.2  # negative slope of the critic's leaky ReLU
 
+    @classmethod
+    def check_field(cls, name: str, value: Any) -> None:
+        """Check one field's value on its own (the checks between fields are left to construction)."""
+        c = "ModelConfig"
+        if name == "name":
+            if not isinstance(value, str) or not value:
+                _fail(c, name, value, "a non-empty string")
+        elif name == "arch":
+            if value not in ARCHS:
+                _fail(c, name, value, f"one of {ARCHS}")
+        elif name in ("block_channels", "critic_channels", "global_k"):
+            _check_int_tuple(c, name, value, allow_empty=name == "global_k")
+        elif name == "block_density":
+            _check_float(c, name, value, 0.0, hi=1.0)
+        elif name == "critic_slope":
+            _check_float(c, name, value, 0.0, strict=False, hi=1.0)
+        else:
+            _check_int(c, name, value)
+
     def __post_init__(self):
         c = "ModelConfig"
-        if not isinstance(self.name, str) or not self.name:
-            _fail(c, "name", self.name, "a non-empty string")
-        if self.arch not in ARCHS:
-            _fail(c, "arch", self.arch, f"one of {ARCHS}")
-        for n in ("z_dim", "image_channels", "base_size", "fc_channels", "fc_k", "final_channels", "critic_stem"):
-            _check_int(c, n, getattr(self, n))
         # JSON round trips give lists: store tuples.
         for n in ("block_channels", "global_k", "critic_channels"):
             v = getattr(self, n)
             if isinstance(v, list):
                 object.__setattr__(self, n, tuple(v))
-        _check_int_tuple(c, "block_channels", self.block_channels)
-        _check_int_tuple(c, "critic_channels", self.critic_channels)
-        _check_int_tuple(c, "global_k", self.global_k, allow_empty=True)
-        _check_float(c, "block_density", self.block_density, 0.0, hi=1.0)
-        _check_float(c, "critic_slope", self.critic_slope, 0.0, strict=False, hi=1.0)
+        for f in fields(self):
+            self.check_field(f.name, getattr(self, f.name))
         if self.arch == "cvpr" and self.fc_k > self.fc_channels:
             _fail(c, "fc_k", self.fc_k, f"at most fc_channels = {self.fc_channels} (channel top-k of the FC map)")
         if self.arch == "aaai":
@@ -192,23 +223,30 @@ class TrainConfig:
     ckpt_every: int = 100  # iterations between checkpoints (one is always written at the end)
     eval_examples: int = 256  # training examples whose reconstruction MSE is reported at the end
 
+    @classmethod
+    def check_field(cls, name: str, value: Any) -> None:
+        """Check one field's value on its own (the checks between fields are left to construction)."""
+        c = "TrainConfig"
+        if name == "seed":
+            _check_int(c, name, value, lo=0)
+        elif name in ("sigma", "step_size", "lr_g", "lr_d"):
+            _check_float(c, name, value)
+        elif name in ("beta1", "beta2"):
+            _check_float(c, name, value, 0.0, strict=False, hi=0.9999999)
+        elif name in ("critic_weight", "gp_weight", "energy_l2"):
+            _check_float(c, name, value, 0.0, strict=False)
+        elif name in ("langevin_noise", "amp"):
+            _check_bool(c, name, value)
+        elif name == "device":
+            if not isinstance(value, str) or not (value == "cpu" or value.startswith("cuda")):
+                _fail(c, name, value, "'cpu', 'cuda' or 'cuda:<index>'")
+        else:
+            _check_int(c, name, value)
+
     def __post_init__(self):
         c = "TrainConfig"
-        for n in ("iters", "batch_size", "langevin_steps", "log_every", "sample_every", "ckpt_every",
-                  "eval_examples"):
-            _check_int(c, n, getattr(self, n))
-        _check_int(c, "seed", self.seed, lo=0)
-        for n in ("sigma", "step_size", "lr_g", "lr_d"):
-            _check_float(c, n, getattr(self, n))
-        for n in ("beta1", "beta2"):
-            _check_float(c, n, getattr(self, n), 0.0, strict=False, hi=0.9999999)
-        for n in ("critic_weight", "gp_weight", "energy_l2"):
-            _check_float(c, n, getattr(self, n), 0.0, strict=False)
-        for n in ("langevin_noise", "amp"):
-            if not isinstance(getattr(self, n), bool):
-                _fail(c, n, getattr(self, n), "a bool")
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
-            _fail(c, "device", self.device, "'cpu', 'cuda' or 'cuda:<index>'")
+        for f in fields(self):
+            self.check_field(f.name, getattr(self, f.name))
         if self.amp and not self.device.startswith("cuda"):
             _fail(c, "amp", self.amp, "False on a CPU device (bfloat16 autocast is for CUDA)")
 
@@ -222,9 +260,18 @@ class RunConfig:
     """A whole training run: what to train (``model``, ``sparse``), on what (``data``) and how (``train``)."""
 
     model: ModelConfig = field(default_factory=lambda: MODEL_CONFIGS["cpu32"])
-    sparse: bool = True  # False: the same network without its top-k masks (the dense baseline)
-    data: str = "parts"  # dataset spec, see sparsegen.data.load_dataset
+    sparse: bool = True  # keep only the top-k activations of each sparsified layer (False: the dense baseline)
+    data: str = "parts"  # parts[:n=1024,seed=0] | textures[:n=600,seed=0] | faces | a folder of images (PATH[@N])
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def check_field(cls, name: str, value: Any) -> None:
+        """Check one field's value on its own (``model`` and ``train`` are checked by their own class)."""
+        if name == "sparse":
+            _check_bool("RunConfig", name, value)
+        elif name == "data":
+            if not isinstance(value, str) or not value:
+                _fail("RunConfig", name, value, "a non-empty dataset spec")
 
     def __post_init__(self):
         if isinstance(self.model, (str, Mapping)):
@@ -239,10 +286,8 @@ class RunConfig:
             _fail("RunConfig", "model", self.model, "a ModelConfig or a config name")
         if not isinstance(self.train, TrainConfig):
             _fail("RunConfig", "train", self.train, "a TrainConfig")
-        if not isinstance(self.sparse, bool):
-            _fail("RunConfig", "sparse", self.sparse, "a bool")
-        if not isinstance(self.data, str) or not self.data:
-            _fail("RunConfig", "data", self.data, "a non-empty dataset spec")
+        self.check_field("sparse", self.sparse)
+        self.check_field("data", self.data)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (tuples become lists)."""

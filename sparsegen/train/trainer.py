@@ -37,6 +37,8 @@ from .langevin import frozen, langevin_infer
 
 HISTORY_KEYS = ("iter", "recon_mse", "loss_g", "loss_d", "energy_real", "energy_fake", "gp")
 CHECKPOINT = "checkpoint.pt"
+#: the TrainConfig fields a resumed run may change: the new total of iterations and the bookkeeping
+RESUMABLE = frozenset({"iters", "device", "log_every", "sample_every", "ckpt_every", "eval_examples"})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -380,7 +382,7 @@ class Trainer:
         :class:`~sparsegen.model.configs.TrainConfig` (``device``, ``log_every``, ``sample_every``, ``ckpt_every``,
         ``eval_examples``); anything else would break the exact continuation and is refused.
         """
-        allowed = {"device", "log_every", "sample_every", "ckpt_every", "eval_examples"}
+        allowed = RESUMABLE - {"iters"}
         bad = sorted(set(train_changes) - allowed)
         if bad:
             raise ValueError(f"cannot change {bad} when resuming (only {sorted(allowed)} and iters)")
