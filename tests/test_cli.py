@@ -163,3 +163,12 @@ def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "sparsegen", "train", "--help"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0 and "--resume" in r.stdout and "--dry-run" in r.stdout
+
+
+def test_every_option_of_every_subcommand_has_a_help_text():
+    from sparsegen.cli import build_parser
+
+    parser = build_parser()
+    for command in ("train", "sample", "reconstruct", "andor", "eval", "report"):
+        sub = parser.parse_args([command, "--out" if command == "train" else "--run", "x"]).parser
+        assert not [a.option_strings for a in sub._actions if not a.help], command
