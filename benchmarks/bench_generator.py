@@ -212,8 +212,7 @@ def static_inputs(gen, batch: int, device: torch.device, dtype: torch.dtype, see
 
 def sampling_call(name: str, gen, z, images) -> Callable[[], object]:
     """One call of the ``forward`` or ``langevin`` workload on fixed inputs (capturable as it stands)."""
-    from sparsegen import TrainConfig
-    from sparsegen.langevin import langevin_infer
+    from sparsegen import TrainConfig, langevin_infer
 
     cfg = TrainConfig()
     if name == "forward":
