@@ -45,8 +45,13 @@ __all__ = ["SparsifyWarning", "TopKActivation", "TopKReLU", "resolve_k", "sparsi
 
 
 def _copy_sharing_parameters(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose parameters and buffers are the original objects."""
+    """A deep copy of ``module`` whose parameters and buffers are the original objects, held in the original
+    ``_parameters`` / ``_buffers`` dicts: a ``.to()`` of either twin, which puts new buffer tensors in those dicts,
+    moves both. Modules, their training flags and their submodule dicts are the copy's own."""
     memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    for m in module.modules():
+        memo[id(m._parameters)] = m._parameters
+        memo[id(m._buffers)] = m._buffers
     return copy.deepcopy(module, memo)
 
 

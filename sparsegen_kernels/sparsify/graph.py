@@ -175,9 +175,19 @@ def _join(prefix: str, rel: str) -> str:
     return f"{prefix}.{rel}" if prefix and rel else (prefix or rel)
 
 
-def _owner_key(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack)) if stack else ""
+def _site_base_name(node: fx.Node, root: nn.Module, modules) -> str:
+    """A site's name before the call count: the activation module as an attribute of the module whose forward
+    calls it (``"blocks.1.activation"``, even when the same object is also ``blocks.0``'s), or
+    ``"<path of that module>:<function>"`` for a functional call (``"blocks.1:relu"``; ``":relu"`` at the top)."""
+    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    if node.op == "call_module":
+        owner_path = stack[-2] if len(stack) >= 2 else ""
+        owner = modules(owner_path) if owner_path else root
+        m = modules(node.target)
+        attr = next((n for n, c in owner.named_children() if c is m), None)
+        return _join(owner_path, attr) if attr is not None else node.target
+    fn = node.target if isinstance(node.target, str) else node.target.__name__
+    return f"{stack[-1] if stack else ''}:{fn}"
 
 
 def _conv_of(node: fx.Node, modules, after_upsample: bool):
@@ -259,7 +269,7 @@ def analyse(graph: fx.Graph, root: nn.Module, prefix: str) -> Analysis:
     sites: dict = {}
     calls: Counter = Counter(n.target for n in graph.nodes if n.op == "call_module")
     convs = []
-    fn_count: Counter = Counter()
+    seen_names: Counter = Counter()
     for node in graph.nodes:
         if node.op in ("call_module", "call_function"):
             if node.op == "call_module":
@@ -271,17 +281,13 @@ def analyse(graph: fx.Graph, root: nn.Module, prefix: str) -> Analysis:
         act = node_activation(node, modules)
         if act is None:
             continue
+        base = _site_base_name(node, root, modules)
+        n = seen_names[base]
+        seen_names[base] += 1
         chains = _find_chains(node, act, modules)
         if not chains:
             continue
-        if node.op == "call_module":
-            name = _join(prefix, _owner_key(node) or node.target)
-        else:
-            owner = _owner_key(node)
-            fn = node.target if isinstance(node.target, str) else node.target.__name__
-            n = fn_count[(owner, fn)]
-            fn_count[(owner, fn)] += 1
-            name = f"{_join(prefix, owner)}:{fn}" + (f"@{n}" if n else "")
+        name = (_join(prefix, base) if not base.startswith(":") else f"{prefix}{base}") + (f"@{n}" if n else "")
         site = GSite(name, node, act, chains)
         if act.inplace:
             x = main_input(node)
