@@ -36,7 +36,7 @@ from .graph import TracedForward, install, make_plan
 from .layers import TopKActivation, TopKReLU
 from .runtime import SparsifyWarning
 from .sequential import apply_sequential, find_sequential_sites
-from .sites import foreign_hooks, is_parametrized
+from .sites import foreign_hooks, is_parametrized, reparam_memo
 from .spec import KSpec, per_site, resolve_k
 from .switch import has_switch, sparsify_switch, switch_sites
 
@@ -48,7 +48,8 @@ def _copy_sharing_parameters(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` whose parameters and buffers are the original objects, held in the original
     ``_parameters`` / ``_buffers`` dicts: a ``.to()`` of either twin, which puts new buffer tensors in those dicts,
     moves both. Modules, their training flags and their submodule dicts are the copy's own."""
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    memo = reparam_memo(module)
+    memo.update({id(t): t for t in itertools.chain(module.parameters(), module.buffers())})
     for m in module.modules():
         memo[id(m._parameters)] = m._parameters
         memo[id(m._buffers)] = m._buffers

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from ..geometry import group_geometry
 from ..modules import SparseUpsampleConv2d
 from .graph import Failure, make_plan
-from .sites import UPSAMPLE, main_input, node_activation, pass_through, FUNCTION_ACTS, OTHER_FUNCTION_ACTS
+from .sites import reparam_memo, UPSAMPLE, main_input, node_activation, pass_through, FUNCTION_ACTS, OTHER_FUNCTION_ACTS
 from .spec import per_site, resolve_k
 
 
@@ -319,7 +319,7 @@ def sparsify_report(model: nn.Module, example_input, k=0.25, mode: Optional[str]
     """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     report = SparsifyReport(type(model).__name__, k, mode)
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model, reparam_memo(model))
     plan = make_plan(twin, both_modes=False)
     report.failures = list(plan.failures)
     names = []
@@ -358,7 +358,7 @@ def _check_sparse_run(model: nn.Module, args, k, mode) -> Optional[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sparse = sparsify(copy.deepcopy(model), k, mode, inplace=True)
+            sparse = sparsify(copy.deepcopy(model, reparam_memo(model)), k, mode, inplace=True)
             with torch.no_grad():
                 sparse(*args)
     except Exception as e:

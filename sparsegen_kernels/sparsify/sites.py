@@ -64,6 +64,18 @@ def reparam_hooks(m: nn.Module) -> list:
     return [h for h in m._forward_pre_hooks.values() if isinstance(h, REPARAM_HOOKS)]
 
 
+def reparam_memo(module: nn.Module) -> dict:
+    """A ``copy.deepcopy`` memo that keeps the weights the hook API recomputes before every call: a hook-based
+    weight norm leaves a non-leaf tensor there, which ``deepcopy`` refuses (the copy recomputes it anyway)."""
+    memo = {}
+    for m in module.modules():
+        for hook in reparam_hooks(m):
+            t = m.__dict__.get(getattr(hook, "name", "weight"))
+            if isinstance(t, torch.Tensor):
+                memo[id(t)] = t
+    return memo
+
+
 def is_parametrized(m: nn.Module) -> bool:
     return torch.nn.utils.parametrize.is_parametrized(m) or bool(reparam_hooks(m))
 
