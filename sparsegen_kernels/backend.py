@@ -79,6 +79,12 @@ _CUDA_COMPOSITES = {
 }
 
 
+def cuda_provider_ops(op_names) -> tuple:
+    """Of ``op_names``, the ops that have an internal CUDA C++ provider op of their own (``_sparsegen_cuda::<op>``;
+    the upsample-conv ops are composed from the transposed-conv ones)."""
+    return tuple(n for n in op_names if n not in _CUDA_COMPOSITES)
+
+
 @lru_cache(maxsize=None)
 def cuda_available(op: str) -> bool:
     """Whether the CUDA C++ provider of ``op`` was compiled into ``_C`` (asked once per op: it cannot change)."""

@@ -15,8 +15,9 @@ from sparsegen_kernels import reference as R  # noqa: E402
 from sparsegen_kernels import geometry  # noqa: E402
 from tolerance import assert_accurate, no_tf32, torch_conv_transpose2d  # noqa: E402
 
-OPS = ("topk_compact", "topk_mask", "compact_to_dense", "compact_gather", "sparse_conv_transpose2d",
-       "sparse_conv_transpose2d_input_grad", "sparse_conv_transpose2d_weight_grad")
+from sparsegen_kernels import backend, ops  # noqa: E402
+
+OPS = backend.cuda_provider_ops(ops.PROVIDER_OPS)
 
 
 def _cuda_kernels_present() -> bool:

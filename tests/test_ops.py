@@ -456,8 +456,9 @@ def test_op_registry_matches_the_compiled_schemas():
     assert set(ops.SCHEMAS) <= registered
     for name, schema in ops.SCHEMAS.items():
         assert ops._op(name)._schema == torch._C.parse_schema(f"sparsegen::{name}{schema}"), name
-    for name in ("topk_compact", "topk_mask", "compact_to_dense", "compact_gather", "sparse_conv_transpose2d",
-                 "sparse_conv_transpose2d_input_grad", "sparse_conv_transpose2d_weight_grad"):
+    from sparsegen_kernels import backend
+
+    for name in backend.cuda_provider_ops(ops.PROVIDER_OPS):
         provider = getattr(torch.ops._sparsegen_cuda, name).default._schema
         assert provider == torch._C.parse_schema(f"_sparsegen_cuda::{name}{ops.SCHEMAS[name]}"), name
     assert not [n for n in dir(torch.ops.sparsegen) if n.endswith("_cuda")], "provider ops in the public namespace"
