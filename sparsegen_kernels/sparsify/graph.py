@@ -169,6 +169,7 @@ class Analysis:
     sites: dict  # name -> GSite (every activation with a chain, sparsifiable or not), in graph order
     calls: Counter  # call_module target -> number of calls
     convs: list  # every conv node (for the report's totals)
+    act_names: dict  # every activation node -> its name (whether or not it reaches a conv)
 
 
 def _join(prefix: str, rel: str) -> str:
@@ -270,6 +271,7 @@ def analyse(graph: fx.Graph, root: nn.Module, prefix: str) -> Analysis:
     calls: Counter = Counter(n.target for n in graph.nodes if n.op == "call_module")
     convs = []
     seen_names: Counter = Counter()
+    act_names: dict = {}
     for node in graph.nodes:
         if node.op in ("call_module", "call_function"):
             if node.op == "call_module":
@@ -284,17 +286,18 @@ def analyse(graph: fx.Graph, root: nn.Module, prefix: str) -> Analysis:
         base = _site_base_name(node, root, modules)
         n = seen_names[base]
         seen_names[base] += 1
+        name = (_join(prefix, base) if not base.startswith(":") else f"{prefix}{base}") + (f"@{n}" if n else "")
+        act_names[node] = name
         chains = _find_chains(node, act, modules)
         if not chains:
             continue
-        name = (_join(prefix, base) if not base.startswith(":") else f"{prefix}{base}") + (f"@{n}" if n else "")
         site = GSite(name, node, act, chains)
         if act.inplace:
             x = main_input(node)
             site.keep_act = not isinstance(x, fx.Node) or x.op in ("placeholder", "get_attr") or len(x.users) > 1
         site.producer = _producer(site, modules)
         sites[name] = site
-    return Analysis(graph, sites, calls, convs)
+    return Analysis(graph, sites, calls, convs, act_names)
 
 
 # ---------------------------------------------------------------------------------------------------

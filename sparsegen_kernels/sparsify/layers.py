@@ -56,7 +56,7 @@ class TopKActivation(nn.Module):
 
     def __init__(self, k: Union[int, float], mode: str = "spatial", activation: str = "relu",
                  negative_slope: float = 0.01, compact: bool = True, bias_from: Optional[nn.Module] = None,
-                 bias_from_name: str = ""):
+                 bias_from_name: str = "", site: str = ""):
         super().__init__()
         check_k(type(self).__name__, k)
         check_mode(type(self).__name__, mode)
@@ -67,6 +67,7 @@ class TopKActivation(nn.Module):
         # A plain reference, not a submodule: the bias stays registered (and saved) where it was.
         object.__setattr__(self, "_bias_from", bias_from)
         self.bias_from_name = bias_from_name
+        self.site = site  # the site's name in the model sparsified (for error messages)
 
     def group_k(self, shape) -> int:
         """Entries kept per group for an input of ``shape = [N, C, H, W]``."""
@@ -75,7 +76,12 @@ class TopKActivation(nn.Module):
 
     def forward(self, x: Tensor):
         bias = None if self._bias_from is None else self._bias_from.bias
-        return select(x, self.k, self.mode, bias, self.activation, self.negative_slope, self.compact)
+        try:
+            return select(x, self.k, self.mode, bias, self.activation, self.negative_slope, self.compact)
+        except ValueError as e:
+            if not self.site:
+                raise
+            raise ValueError(f"site {self.site!r}: {e}") from None
 
     def _kind(self) -> str:
         return f"leaky_relu({self.negative_slope:g})" if self.activation == "leaky_relu" else self.activation
@@ -94,14 +100,17 @@ class TopKReLU(TopKActivation):
     into the selection). See :class:`TopKActivation`."""
 
     def __init__(self, k: Union[int, float], mode: str = "spatial", compact: bool = True,
-                 bias_from: Optional[nn.Module] = None, bias_from_name: str = ""):
-        super().__init__(k, mode, "relu", compact=compact, bias_from=bias_from, bias_from_name=bias_from_name)
+                 bias_from: Optional[nn.Module] = None, bias_from_name: str = "", site: str = ""):
+        super().__init__(k, mode, "relu", compact=compact, bias_from=bias_from, bias_from_name=bias_from_name,
+                         site=site)
 
 
-def topk_module(k, mode: str, activation: str, slope: float, bias_from=None, bias_from_name="") -> TopKActivation:
+def topk_module(k, mode: str, activation: str, slope: float, bias_from=None, bias_from_name="",
+                site: str = "") -> TopKActivation:
     if activation == "relu":
-        return TopKReLU(k, mode, compact=True, bias_from=bias_from, bias_from_name=bias_from_name)
-    return TopKActivation(k, mode, activation, slope, compact=True, bias_from=bias_from, bias_from_name=bias_from_name)
+        return TopKReLU(k, mode, compact=True, bias_from=bias_from, bias_from_name=bias_from_name, site=site)
+    return TopKActivation(k, mode, activation, slope, compact=True, bias_from=bias_from, bias_from_name=bias_from_name,
+                          site=site)
 
 
 # ---------------------------------------------------------------------------------------------------

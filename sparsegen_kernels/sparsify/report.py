@@ -194,7 +194,7 @@ class _Mode(TorchFunctionMode):
             lab = rec.label(args[0])
             if lab is not None:
                 where = rec.owner[-1] or "the top module"
-                rec.dense_chain(lab, f"-> {func.__name__} in '{where}'",
+                rec.dense_chain(lab, f"-> F.{func.__name__} in '{where}'",
                                 f"'{where}' could not be traced (see below): its code runs as it is", macs)
         return out
 
@@ -227,7 +227,6 @@ class _Interp(fx.Interpreter):
     def __init__(self, module, an, unit, rec: _Recorder):
         super().__init__(module, garbage_collect_values=True, graph=an.graph)
         self.an, self.unit, self.rec = an, unit, rec
-        self.act_of = {s.node: s for s in an.sites.values()}
         self.chain_of = {c.conv: (s, c) for s in an.sites.values() for c in s.chains}
         self.convs = set(an.convs)
         self.opaque = set(unit.opaque)
@@ -246,10 +245,11 @@ class _Interp(fx.Interpreter):
             out = super().run_node(n)
         finally:
             rec.suppress = saved
-        if n in self.act_of:
-            s = self.act_of[n]
-            rec.tag(out, s.name)
-            self.shape[s.name] = tuple(out.shape)
+        if n in self.an.act_names:
+            name = self.an.act_names[n]
+            rec.tag(out, name)
+            if isinstance(out, torch.Tensor):
+                self.shape[name] = tuple(out.shape)
         elif n.op in ("call_module", "call_function", "call_method") and not opaque and args:
             lab = rec.label(main_input_value(n, args, kwargs))
             if lab is not None and pass_through(n, self._module) is not None:

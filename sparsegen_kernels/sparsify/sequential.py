@@ -14,7 +14,7 @@ from torch import nn
 
 from ..modules import SparseConv2d, SparseConvTranspose2d, SparseUpsampleConv2d
 from .layers import BIAS_DEFERRED, rebuild_conv, topk_module
-from .sites import (UPSAMPLE, is_nearest_up2_module, is_plain_sequential, module_activation, module_conv_kind,
+from .sites import (is_nearest_up2_module, is_plain_sequential, module_activation, module_conv_kind,
                     plain_forward)
 
 
@@ -108,15 +108,7 @@ def apply_sequential(sites: "dict[str, SeqSite]", chosen: dict, fuse_bias: bool)
         src = new_modules[id(s.producer.module)] if fuse_bias and s.producer is not None else None
         act = module_activation(s.act.module)
         s.act.parent._modules[s.act.key] = topk_module(spec, mode or "spatial", act.kind, act.slope, src,
-                                                       s.producer.name if src is not None else "")
+                                                       s.producer.name if src is not None else "", site=name)
         if s.upsample is not None:
             s.upsample.parent._modules[s.upsample.key] = nn.Identity()
 
-
-def describe(s: SeqSite) -> str:
-    from .sites import describe_module_conv
-
-    return f"{module_activation(s.act.module).label} -> {describe_module_conv(s.consumer.name, s.consumer.module, s.kind)}"
-
-
-__all__ = ["Leaf", "SeqSite", "apply_sequential", "find_sequential_sites", "is_bias_producer", "UPSAMPLE"]
