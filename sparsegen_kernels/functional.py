@@ -92,16 +92,20 @@ def _unpack_input(inp: SparseOrDense) -> tuple[Tensor, Optional[Tensor], str, li
     raise TypeError(f"input must be a SparseActivation or a 4-d tensor, got {type(inp).__name__}")
 
 
-def _check_conv_args(values: Tensor, in_shape: Sequence[int], weight: Tensor, bias: Optional[Tensor]) -> None:
+def _check_conv_args(values: Tensor, in_shape: Sequence[int], weight: Tensor, bias: Optional[Tensor],
+                     transposed: bool = True) -> None:
+    """The weight (``[Cin, Cout, kh, kw]`` when ``transposed``, else ``[Cout, Cin, kh, kw]``) and bias of a conv of an
+    input of ``in_shape`` whose values are ``values``."""
     _check_float_tensor("weight", weight, 4)
-    if weight.shape[0] != in_shape[1]:
-        raise ValueError(f"weight [Cin, Cout, kh, kw] = {tuple(weight.shape)} does not match the input's "
-                         f"{in_shape[1]} channels")
+    cin, cout = (0, 1) if transposed else (1, 0)
+    if weight.shape[cin] != in_shape[1]:
+        layout = "[Cin, Cout, kh, kw]" if transposed else "[Cout, Cin, kh, kw]"
+        raise ValueError(f"weight {layout} = {tuple(weight.shape)} does not match the input's {in_shape[1]} channels")
     _check_same_device_dtype("weight", weight, "input", values)
     if bias is not None:
         _check_float_tensor("bias", bias, 1)
-        if bias.shape[0] != weight.shape[1]:
-            raise ValueError(f"bias must have shape [{weight.shape[1]}] (one per output channel), "
+        if bias.shape[0] != weight.shape[cout]:
+            raise ValueError(f"bias must have shape [{weight.shape[cout]}] (one per output channel), "
                              f"got {tuple(bias.shape)}")
         _check_same_device_dtype("bias", bias, "input", values)
 
@@ -153,7 +157,7 @@ def sparse_upsample_conv2d(inp: SparseOrDense, weight: Tensor, bias: Optional[Te
     if folded_weight is not None:
         return sparse_conv_transpose2d(inp, folded_weight, bias, stride=2, padding=1)
     values, indices, mode, in_shape = _unpack_input(inp)
-    _check_conv_args(values, in_shape, weight.transpose(0, 1), bias)
+    _check_conv_args(values, in_shape, weight, bias, transposed=False)
     return ops.sparse_upsample_conv2d(values, indices, mode, in_shape, weight, bias)
 
 
@@ -167,17 +171,7 @@ def sparse_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
     with respect to ``input`` is the convolution's exact (dense) gradient.
     """
     _check_float_tensor("input", input, 4)
-    _check_float_tensor("weight", weight, 4)
-    if weight.shape[1] != input.shape[1]:
-        raise ValueError(f"weight [Cout, Cin, kh, kw] = {tuple(weight.shape)} does not match the input's "
-                         f"{input.shape[1]} channels")
-    _check_same_device_dtype("weight", weight, "input", input)
-    if bias is not None:
-        _check_float_tensor("bias", bias, 1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape [{weight.shape[0]}] (one per output channel), "
-                             f"got {tuple(bias.shape)}")
-        _check_same_device_dtype("bias", bias, "input", input)
+    _check_conv_args(input, input.shape, weight, bias, transposed=False)
     padding = _pair("padding", padding)
     if min(padding) < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")

@@ -44,6 +44,22 @@ std::vector<int64_t> shape4(c10::SymIntArrayRef s, const char* op) {
   return v;
 }
 
+// The arguments every kernel checks alike: the input's shape and mode, and the compact indices (with values).
+struct CompactInput {
+  int64_t N, Cin, H, W;
+  Mode mode;
+};
+
+CompactInput check_compact_input(const at::Tensor& values, const at::Tensor& indices, c10::string_view mode_sv,
+                                 c10::SymIntArrayRef in_shape_sym, const char* op) {
+  check_float_tensor(values, "values", op);
+  check_index_tensor(indices, op);
+  const auto in = shape4(in_shape_sym, op);
+  const CompactInput a{in[0], in[1], in[2], in[3], parse_mode(std::string(mode_sv))};
+  check_compact(values, indices, a.mode, a.N, a.Cin, a.H, a.W, op);
+  return a;
+}
+
 // Location of every compact entry, with its index checked against the group.
 Entries locate(const at::Tensor& indices, Mode mode, int64_t N, int64_t C, int64_t H, int64_t W, const char* op) {
   const Groups gr = groups_of(mode, C, H, W);
@@ -146,12 +162,9 @@ at::Tensor upsample_conv_direct_cpu(const at::Tensor& values_in, const at::Tenso
                                     c10::SymIntArrayRef in_shape_sym, const at::Tensor& weight_in,
                                     const c10::optional<at::Tensor>& bias_in) {
   const char* op = "upsample_conv_direct";
-  check_float_tensor(values_in, "values", op);
-  check_index_tensor(indices_in, op);
-  const auto in = shape4(in_shape_sym, op);
-  const int64_t N = in[0], Cin = in[1], H = in[2], W = in[3];
-  const Mode mode = parse_mode(std::string(mode_sv));
-  check_compact(values_in, indices_in, mode, N, Cin, H, W, op);
+  const CompactInput a = check_compact_input(values_in, indices_in, mode_sv, in_shape_sym, op);
+  const int64_t N = a.N, Cin = a.Cin, H = a.H, W = a.W;
+  const Mode mode = a.mode;
   TORCH_CHECK_VALUE(weight_in.dim() == 4 && weight_in.size(1) == Cin && weight_in.size(2) == 3 &&
                         weight_in.size(3) == 3,
                     "sparsegen.", op, ": weight must be [Cout, ", Cin, ", 3, 3], got ", weight_in.sizes());
@@ -176,8 +189,10 @@ at::Tensor upsample_conv_direct_cpu(const at::Tensor& values_in, const at::Tenso
   return out;
 }
 
-void check_grad_out(const at::Tensor& grad_out, int64_t N, int64_t H, int64_t W, const char* op) {
+// grad_out: a float tensor of shape [N, Cout, 2H, 2W] (with shape = false, only its dtype is checked).
+void check_grad_out(const at::Tensor& grad_out, int64_t N, int64_t H, int64_t W, const char* op, bool shape = true) {
   check_float_tensor(grad_out, "grad_out", op);
+  if (!shape) return;
   TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == N && grad_out.size(2) == 2 * H &&
                         grad_out.size(3) == 2 * W,
                     "sparsegen.", op, ": grad_out must be [", N, ", Cout, ", 2 * H, ", ", 2 * W, "], got ",
@@ -188,11 +203,11 @@ at::Tensor upsample_conv_direct_input_grad_cpu(const at::Tensor& grad_out, const
                                                c10::string_view mode_sv, c10::SymIntArrayRef in_shape_sym,
                                                const at::Tensor& weight_in) {
   const char* op = "upsample_conv_direct_input_grad";
-  check_index_tensor(indices_in, op);
-  const auto in = shape4(in_shape_sym, op);
-  const int64_t N = in[0], Cin = in[1], H = in[2], W = in[3];
-  const Mode mode = parse_mode(std::string(mode_sv));
-  check_compact(indices_in, indices_in, mode, N, Cin, H, W, op);
+  check_grad_out(grad_out, 0, 0, 0, op, /*shape=*/false);
+  const CompactInput a = check_compact_input(grad_out.new_empty(indices_in.sizes()), indices_in, mode_sv,
+                                             in_shape_sym, op);
+  const int64_t N = a.N, Cin = a.Cin, H = a.H, W = a.W;
+  const Mode mode = a.mode;
   check_grad_out(grad_out, N, H, W, op);
   const int64_t Cout = grad_out.size(1);
   TORCH_CHECK_VALUE(weight_in.dim() == 4 && weight_in.size(0) == Cout && weight_in.size(1) == Cin &&
@@ -229,12 +244,9 @@ at::Tensor upsample_conv_direct_weight_grad_cpu(const at::Tensor& grad_out, cons
                                                 const at::Tensor& indices_in, c10::string_view mode_sv,
                                                 c10::SymIntArrayRef in_shape_sym) {
   const char* op = "upsample_conv_direct_weight_grad";
-  check_float_tensor(values_in, "values", op);
-  check_index_tensor(indices_in, op);
-  const auto in = shape4(in_shape_sym, op);
-  const int64_t N = in[0], Cin = in[1], H = in[2], W = in[3];
-  const Mode mode = parse_mode(std::string(mode_sv));
-  check_compact(values_in, indices_in, mode, N, Cin, H, W, op);
+  const CompactInput a = check_compact_input(values_in, indices_in, mode_sv, in_shape_sym, op);
+  const int64_t N = a.N, Cin = a.Cin, H = a.H, W = a.W;
+  const Mode mode = a.mode;
   check_grad_out(grad_out, N, H, W, op);
   TORCH_CHECK_TYPE(values_in.scalar_type() == grad_out.scalar_type(), "sparsegen.", op, ": values dtype differs");
   const int64_t Cout = grad_out.size(1);
