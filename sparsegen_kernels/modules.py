@@ -140,9 +140,9 @@ def compact_conv2d(inp, weight: Tensor, bias: Optional[Tensor] = None, padding=(
 class SparseConv2d(nn.Conv2d):
     """``nn.Conv2d`` with stride 1 (same constructor and parameters) that accepts a :class:`SparseActivation`.
 
-    ``forward(inp)``: compact or dense ``[N, Cin, H, W]`` -> ``[N, Cout, Ho, Wo]``, computed by
-    :func:`compact_conv2d` on the surviving entries. Supports stride 1, ``dilation=1``, ``groups=1``, zero padding
-    with ``0 <= padding <= kernel - 1`` (``"same"`` for odd kernels, ``"valid"``).
+    ``forward(inp)``: compact ``inp`` -> :func:`compact_conv2d` on the surviving entries; dense ``[N, Cin, H, W]``
+    -> :func:`~sparsegen_kernels.sparse_conv2d` (skips its exact zeros). Supports stride 1, ``dilation=1``,
+    ``groups=1``, zero padding with ``0 <= padding <= kernel - 1`` (``"same"`` for odd kernels, ``"valid"``).
     """
 
     def __init__(self, *args, **kwargs):
@@ -153,6 +153,8 @@ class SparseConv2d(nn.Conv2d):
                              "0 <= padding <= kernel - 1 ('same' with odd kernels)")
 
     def forward(self, inp) -> Tensor:  # type: ignore[override]
+        if isinstance(inp, Tensor):
+            return SF.sparse_conv2d(inp, self.weight, self.bias, self._pad)
         return compact_conv2d(inp, self.weight, self.bias, self._pad)
 
 

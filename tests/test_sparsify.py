@@ -281,3 +281,35 @@ def test_compiles_fullgraph():
     z = torch.randn(2, 6)
     c = torch.compile(s, fullgraph=True)
     torch.testing.assert_close(c(z), s(z), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SparseConv2d: the stride-1 conv of a site
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (1, 0), ((3, 5), (1, 2)), (3, 0), (4, 1), (5, "same"),
+                                             (3, "valid"), (3, 2)])
+def test_sparse_conv2d_is_conv2d_on_the_survivors(kernel, padding):
+    m = sk.SparseConv2d(6, 5, kernel, padding=padding).to(F64)
+    x = torch.randn(2, 6, 7, 6, dtype=F64)
+    sa = sk.topk_compact(x, 10, "spatial", None, True)
+    values = sa.values.clone().requires_grad_()
+    out = m(sk.SparseActivation(values, sa.indices, sa.shape, sa.mode))
+    dense_in = sa.to_dense().requires_grad_()
+    ref = torch.nn.functional.conv2d(dense_in, m.weight, m.bias, padding=padding)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [values, m.weight, m.bias], g)
+    want = torch.autograd.grad(ref, [dense_in, m.weight, m.bias], g)
+    # the input gradient at the surviving entries only
+    torch.testing.assert_close(got[0], want[0].reshape(2, 6, -1).gather(2, sa.indices.long()), rtol=0, atol=1e-12)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m(sa.to_dense()), ref, rtol=0, atol=1e-12)  # a dense input: its zeros skipped
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=2), dict(dilation=2), dict(groups=2), dict(padding=3),
+                                    dict(padding="same", kernel_size=4), dict(padding_mode="reflect", padding=1)])
+def test_sparse_conv2d_refuses_what_the_kernels_cannot_compute(kwargs):
+    kwargs = {"kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match="SparseConv2d supports stride 1"):
+        sk.SparseConv2d(4, 4, **kwargs)

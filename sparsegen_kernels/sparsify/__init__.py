@@ -172,8 +172,9 @@ def sparsify(module: nn.Module, k: Optional[Union[KSpec, Mapping[str, Optional[K
                          f"over the sites {list(sites)}")
     chosen = per_site(k, mode, list(sites), "sparsify")
     if plan.failures or _left_dense(plan):
-        warnings.warn(f"sparsify: parts of {type(module).__name__} stay dense (sk.sparsify_report(model, "
-                      f"example_input) has the details): {_summary(plan)}", SparsifyWarning, stacklevel=2)
+        warnings.warn(f"sparsify: in {type(module).__name__}, activation -> conv chains stay dense or could not be "
+                      f"examined (sk.sparsify_report(model, example_input) has the details): {_summary(plan)}",
+                      SparsifyWarning, stacklevel=2)
 
     for unit in plan.units:
         mine = {n: v for n, v in chosen.items() if sites[n][0] is unit}

@@ -356,12 +356,14 @@ def rewrite(an: Analysis, root: nn.Module, chosen: dict, fuse_bias: bool) -> fx.
         g.erase_node(node)
 
     # What the activations' other readers get: the masked dense tensor.
+    erased: set = set()
     for name in chosen:
         s = an.sites[name]
         for c in s.ok:
-            for v in reversed(c.via):
-                if not v.users:
+            for v in reversed(c.via):  # the upsampling and identities between, unless something else reads them
+                if v not in erased and not v.users:
                     g.erase_node(v)
+                    erased.add(v)
         A, sa = s.node, sa_of[name]
         if s.keep_act:
             if len(A.users) > 1:
