@@ -59,6 +59,7 @@ class SparsifyReport:
     model: str
     k: Any
     mode: Optional[str]
+    inputs: str = ""  # the example input's shapes
     sites: list = field(default_factory=list)
     left_dense: list = field(default_factory=list)
     failures: list = field(default_factory=list)
@@ -83,8 +84,8 @@ class SparsifyReport:
         return self.sparsified_macs / total if total else 0.0
 
     def __str__(self) -> str:
-        lines = [f"sparsify report for {self.model} (k={self.k!r}" + (f", mode={self.mode!r}" if self.mode else "")
-                 + ")"]
+        lines = [f"sparsify report for {self.model} on {self.inputs or 'the example input'} (k={self.k!r}"
+                 + (f", mode={self.mode!r}" if self.mode else "") + "); MACs per forward"]
         lines.append(f"sites ({len(self.sites)}):" if self.sites else "sites: none")
         width = max([len(r.name) for r in self.sites + self.left_dense] + [4])
         for r in self.sites:
@@ -318,7 +319,8 @@ def sparsify_report(model: nn.Module, example_input, k=0.25, mode: Optional[str]
     model.
     """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    report = SparsifyReport(type(model).__name__, k, mode)
+    shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+    report = SparsifyReport(type(model).__name__, k, mode, ", ".join(map(str, shapes)))
     twin = copy.deepcopy(model, reparam_memo(model))
     plan = make_plan(twin, both_modes=False)
     report.failures = list(plan.failures)
