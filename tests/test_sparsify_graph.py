@@ -314,3 +314,44 @@ def test_graph_path_compiles():
     z = torch.randn(2, 6)
     c = torch.compile(s)
     torch.testing.assert_close(c(z), s(z), rtol=1e-5, atol=1e-5)
+
+
+class HandWrittenSNConv(nn.Conv2d):
+    """A spectral norm written by hand, as in BigGAN's code: one power iteration under no_grad, the singular vector
+    stored in place in training, the weight divided by the estimate."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("u", torch.randn(1, self.out_channels))
+
+    def forward(self, x):
+        w = self.weight.view(self.weight.size(0), -1)
+        with torch.no_grad():
+            v = F.normalize(self.u @ w)
+            u = F.normalize(v @ w.t())
+            if self.training:
+                self.u[:] = u
+        sigma = (v @ w.t() @ u.t()).squeeze()
+        return F.conv2d(x, self.weight / sigma, self.bias, self.stride, self.padding)
+
+
+class HandWrittenSN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = HandWrittenSNConv(3, 5, 3, padding=1), HandWrittenSNConv(5, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.c1(F.relu(self.c0(x)))
+
+
+def test_gradient_mode_switches_in_a_forward_are_kept():
+    """Tracing drops ``with torch.no_grad()`` unless told otherwise: the power iteration would then carry
+    gradients, and the weight gradients would silently change."""
+    g = HandWrittenSN().to(F64).train()
+    dense = copy.deepcopy(g)
+    s = sparsify(g, k=K)
+    check_outputs_and_grads(g, s, dense, TopKReference(dense, K), (torch.randn(2, 3, 6, 6, dtype=F64),))
+    torch.testing.assert_close(g.c0.u, dense.c0.u, rtol=0, atol=0)  # one power iteration each
+    with torch.no_grad():
+        out = s(torch.randn(1, 3, 6, 6, dtype=F64))
+    assert torch.is_grad_enabled() and not out.requires_grad  # the caller's mode, restored after the block

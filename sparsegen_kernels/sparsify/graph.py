@@ -78,6 +78,24 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self.opaque or is_leaf(m)
 
+    def trace(self, root, concrete_args=None):
+        """Symbolic tracing that keeps gradient-mode switches (``torch.no_grad()``, ``torch.enable_grad()``,
+        ``torch.set_grad_enabled``) as calls of the graph: plain tracing would drop them, and a power iteration
+        run under ``no_grad`` in a hand-written spectral norm would silently start to carry gradients."""
+        set_grad, is_grad = torch._C._set_grad_enabled, torch.is_grad_enabled
+
+        def record_set(mode):
+            self.create_proxy("call_function", set_grad, (mode,), {})
+
+        def record_is():
+            return self.create_proxy("call_function", is_grad, (), {})
+
+        torch._C._set_grad_enabled, torch.is_grad_enabled = record_set, record_is
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch._C._set_grad_enabled, torch.is_grad_enabled = set_grad, is_grad
+
     def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
