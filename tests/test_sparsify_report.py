@@ -140,3 +140,33 @@ def test_hook_based_weight_norm_is_reported():
     g = nn.Sequential(nn.ConvTranspose2d(2, 4, 4), nn.ReLU(), conv)
     r = sparsify_report(g, torch.randn(2, 2, 1, 1), verbose=False)
     assert [s.name for s in r.sites] == ["1"] and r.coverage == 1.0 and r.error is None
+
+
+class TopUntraceable(nn.Module):
+    """The top module's own forward cannot be traced: its children are sparsified on their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Sequential(nn.ConvTranspose2d(4, 6, 4, 1, 0), nn.ReLU(), nn.ConvTranspose2d(6, 3, 4, 2, 1))
+
+    def forward(self, z):
+        if z.norm() > 1e9:
+            z = z / z.norm()
+        return self.up(z)
+
+
+def test_an_untraceable_top_module_leaves_its_children_to_themselves():
+    g = TopUntraceable()
+    with pytest.warns(sk.SparsifyWarning, match=r"the top module \(TopUntraceable\) stopped the trace"):
+        s = sk.sparsify(g, k=1.0)
+    assert isinstance(s.up[1], sk.TopKReLU)
+    r = sparsify_report(g, torch.randn(2, 4, 1, 1), verbose=False)
+    assert [x.name for x in r.sites] == ["up.1"] and r.coverage == 1.0
+    assert "the top module (TopUntraceable) stopped the trace" in str(r)
+
+
+def test_a_module_with_its_own_sparse_path_is_described():
+    sparsegen = pytest.importorskip("sparsegen")
+    g = sparsegen.SparseGenerator("tiny16", sparse=False)
+    r = sparsify_report(g, torch.randn(2, g.z_dim), verbose=False)
+    assert r.sites == [] and "has its own sparse path" in r.note and "'block1'" in r.note and r.note in str(r)

@@ -517,7 +517,8 @@ class Failure:
     where: str
 
     def describe(self) -> str:
-        return f"'{self.path}' ({self.type_name}) stopped the trace at {self.where}: {self.reason}"
+        who = f"'{self.path}'" if self.path else "the top module"
+        return f"{who} ({self.type_name}) stopped the trace at {self.where}: {self.reason}"
 
 
 class Unit:

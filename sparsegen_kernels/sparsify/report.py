@@ -26,6 +26,7 @@ from ..modules import SparseUpsampleConv2d
 from .graph import Failure, make_plan
 from .sites import reparam_memo, UPSAMPLE, main_input, node_activation, pass_through, FUNCTION_ACTS, OTHER_FUNCTION_ACTS
 from .spec import per_site, resolve_k
+from .switch import has_switch, switch_sites
 
 
 @dataclass
@@ -65,6 +66,7 @@ class SparsifyReport:
     failures: list = field(default_factory=list)
     conv_macs: int = 0  # every conv of the forward
     error: Optional[str] = None  # the sparsified model failed on the example input
+    note: Optional[str] = None  # a module with its own sparse path: what sparsify does instead
 
     @property
     def behind_activation_macs(self) -> int:
@@ -86,6 +88,8 @@ class SparsifyReport:
     def __str__(self) -> str:
         lines = [f"sparsify report for {self.model} on {self.inputs or 'the example input'} (k={self.k!r}"
                  + (f", mode={self.mode!r}" if self.mode else "") + "); MACs per forward"]
+        if self.note:
+            return "\n".join(lines + [self.note])
         lines.append(f"sites ({len(self.sites)}):" if self.sites else "sites: none")
         width = max([len(r.name) for r in self.sites + self.left_dense] + [4])
         for r in self.sites:
@@ -194,9 +198,9 @@ class _Mode(TorchFunctionMode):
             rec.conv_macs += macs
             lab = rec.label(args[0])
             if lab is not None:
-                where = rec.owner[-1] or "the top module"
-                rec.dense_chain(lab, f"-> F.{func.__name__} in '{where}'",
-                                f"'{where}' could not be traced (see below): its code runs as it is", macs)
+                where = f"'{rec.owner[-1]}'" if rec.owner[-1] else "the top module"
+                rec.dense_chain(lab, f"-> F.{func.__name__} in {where}",
+                                f"{where} could not be traced (see below): its code runs as it is", macs)
         return out
 
 
@@ -321,6 +325,12 @@ def sparsify_report(model: nn.Module, example_input, k=0.25, mode: Optional[str]
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
     report = SparsifyReport(type(model).__name__, k, mode, ", ".join(map(str, shapes)))
+    if has_switch(model):
+        report.note = (f"{type(model).__name__} has its own sparse path: sparsify switches it on (layer: shape, mode, "
+                       f"k) {dict(switch_sites(model))}")
+        if verbose:
+            print(report, file=file or sys.stdout)
+        return report
     twin = copy.deepcopy(model, reparam_memo(model))
     plan = make_plan(twin, both_modes=False)
     report.failures = list(plan.failures)
