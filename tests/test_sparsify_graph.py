@@ -151,7 +151,8 @@ def test_bias_fusion_in_the_graph(fuse_bias):
     assert list(sites) == [":relu", ":relu@1"]
     assert "F.conv2d (functional, weight 'w1')" in sites[":relu"]
     s = assert_matches_reference(g, (torch.randn(2, 3, 6, 6, dtype=F64),), fuse_bias=fuse_bias)
-    code = s.forward.graphs[(True, frozenset())].python_code("self").src
+    assert s.forward.sites == {":relu": (K, None), ":relu@1": (K, None)}
+    code = s.forward.code
     # Fused: the first conv runs without its bias (module_conv(..., 'dense', False)) and the top-k gets c0.bias;
     # the functional conv runs sparse without b1, which the second top-k adds.
     assert ("'dense', False" in code) == fuse_bias

@@ -430,13 +430,23 @@ class TracedForward:
     one that fails runs the module's own (dense) forward, with a :class:`SparsifyWarning`.
     """
 
-    def __init__(self, owner: nn.Module, path: str, opaque: tuple, graphs: dict, spec: tuple):
+    def __init__(self, owner: nn.Module, path: str, opaque: tuple, graphs: dict, spec: tuple, sites: dict):
         self.owner = owner
         self.path = path  # the unit's path in the model sparsified (site names start with it)
         self.opaque = opaque  # paths (relative to owner) of submodules traced as opaque calls
         self.graphs = graphs  # (training, nones) -> rewritten fx.Graph or None (trace failed)
         self.spec = spec  # (k, mode, fuse_bias, names of sites rewritten by swapping modules)
+        self.sites = sites  # the sites rewritten here: {name: (k, mode)}
         self._init_runtime()
+
+    @property
+    def code(self) -> str:
+        """The generated code of the trace for the module's present training flag (all arguments given)."""
+        key = (self.owner.training, frozenset())
+        if key not in self.graphs:
+            self._build(key)
+        g = self.graphs[key]
+        return g.python_code(root_module="self").src if g is not None else "<the module's own forward>"
 
     def _init_runtime(self) -> None:
         self._fns: dict = {}
@@ -489,7 +499,7 @@ class TracedForward:
 
     def __getstate__(self):
         return {"owner": self.owner, "path": self.path, "opaque": self.opaque, "graphs": self.graphs,
-                "spec": self.spec}
+                "spec": self.spec, "sites": self.sites}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -617,4 +627,4 @@ def install(unit: Unit, chosen: dict, spec: tuple) -> None:
     for key in unit.failed:
         graphs[key] = None
     opaque = tuple(unit.opaque.values())
-    unit.module.forward = TracedForward(unit.module, unit.path, opaque, graphs, spec)
+    unit.module.forward = TracedForward(unit.module, unit.path, opaque, graphs, spec, dict(chosen))
