@@ -5,7 +5,6 @@ Each model is checked in float64 against the dense model with the top-k kept at 
 """
 import copy
 import pickle
-import warnings
 
 import pytest
 import torch

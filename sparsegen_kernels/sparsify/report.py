@@ -23,8 +23,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..geometry import group_geometry
 from ..modules import SparseUpsampleConv2d
-from .graph import Failure, make_plan
-from .sites import reparam_memo, UPSAMPLE, main_input, node_activation, pass_through, FUNCTION_ACTS, OTHER_FUNCTION_ACTS
+from .graph import make_plan
+from .sites import FUNCTION_ACTS, OTHER_FUNCTION_ACTS, UPSAMPLE, bind, main_input, pass_through, reparam_memo
 from .spec import per_site, resolve_k
 from .switch import has_switch, switch_sites
 
@@ -209,7 +209,7 @@ class _FakeNode:
         self.target = target
 
 
-def _interpreter_forward(unit, plan_chosen: dict, rec: _Recorder, k, mode):
+def _interpreter_forward(unit, rec: _Recorder):
     """A forward for ``unit.module`` that interprets its (dense) graph and records the chains."""
     module = unit.module
     sig = inspect.signature(type(module).forward)
@@ -294,7 +294,10 @@ class _Interp(fx.Interpreter):
         row.calls += 1
         row.dense_macs += macs
         row.sparse_macs += N * G * kk * cout * taps
-        row.kept = f"{kk} of {size} per {'channel' if mode == 'spatial' else 'position' if mode == 'channel' else 'sample'}"
+        row.kept = f"{kk} of {size} per {_GROUP[mode]}"
+
+
+_GROUP = {"spatial": "channel", "channel": "position", "global": "sample"}
 
 
 def main_input_value(n: fx.Node, args, kwargs):
@@ -303,8 +306,6 @@ def main_input_value(n: fx.Node, args, kwargs):
     if x is None:
         return None
     if n.op == "call_function":
-        from .sites import bind
-
         a = bind(n.target, args, kwargs)
         if a is not None:
             return a.get("input")
@@ -342,7 +343,7 @@ def sparsify_report(model: nn.Module, example_input, k=0.25, mode: Optional[str]
     chosen = per_site(k, mode, names, "sparsify_report") if names else {}
     rec = _Recorder(chosen)
     for unit in plan.units:
-        unit.module.forward = _interpreter_forward(unit, chosen, rec, k, mode)
+        unit.module.forward = _interpreter_forward(unit, rec)
     for f in plan.failures:  # the code of these runs as it is: name it as the owner of what it calls
         m = twin.get_submodule(f.path)
         m.register_forward_pre_hook(lambda mod, inp, p=f.path: rec.owner.append(p))

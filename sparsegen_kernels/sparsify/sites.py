@@ -48,7 +48,7 @@ def is_plain_sequential(m: nn.Module) -> bool:
 
 
 def foreign_hooks(m: nn.Module) -> list:
-    """The hooks of ``m`` that a sparse call would bypass (the spectral / weight norm pre-hooks are run, not bypassed)."""
+    """The hooks of ``m`` that a sparse call would bypass (the spectral / weight norm pre-hooks are run instead)."""
     out = []
     if m._forward_hooks:
         out.append("forward hooks")
@@ -96,7 +96,8 @@ def _conv_reason(m: nn.Module, after_upsample: bool) -> Optional[str]:
                     "fold the upsampling only into 3x3 convs with padding 1")
         return None
     if conv2d_zero_padding(tuple(m.kernel_size), m.padding) is None:
-        return f"padding {m.padding} with kernel {tuple(m.kernel_size)} (needs 0 <= padding <= kernel - 1, even on both sides)"
+        return (f"padding {m.padding} with kernel {tuple(m.kernel_size)} (needs 0 <= padding <= kernel - 1, the same "
+                "on both sides)")
     return None
 
 
@@ -308,8 +309,8 @@ def pass_through(node: fx.Node, modules) -> Optional[tuple[str, Optional[str]]]:
         if up:
             return "upsample", None
         if isinstance(m, RESAMPLING_MODULES):
-            return "other", f"{type(m).__name__} '{node.target}' between them (only nearest x2 upsampling keeps zeros " \
-                            "where the kernels expect them)"
+            return "other", (f"{type(m).__name__} '{node.target}' between them (only nearest x2 upsampling keeps "
+                             "zeros where the kernels expect them)")
         return None
     if node.op == "call_method" and node.target in IDENTITY_METHODS:
         return "identity", None
