@@ -449,9 +449,12 @@ class TracedForward:
         return g.python_code(root_module="self").src if g is not None else "<the module's own forward>"
 
     def _init_runtime(self) -> None:
-        self._fns: dict = {}
         self._none_params = _none_params(self.owner)
         self._sig = inspect.signature(type(self.owner).forward) if self._none_params else None
+        # Compiled now, not at the first call, so that torch.compile finds plain functions to trace.
+        self._fns: dict = {}
+        for key in self.graphs:
+            self._build(key)
 
     def _key(self, args, kwargs):
         if not self._none_params:
@@ -477,7 +480,11 @@ class TracedForward:
         if graph is None:
             fn = type(self.owner).forward
         else:
-            fn = _compile(graph, type(self.owner).__name__)
+            src = graph.python_code(root_module="self").src
+            same = [f for k, f in self._fns.items() if self.graphs.get(k) is not None
+                    and getattr(f, "_sparsify_src", None) == src]
+            fn = same[0] if same else _compile(graph, type(self.owner).__name__)
+            fn._sparsify_src = src
         self._fns[key] = fn
         return fn
 
