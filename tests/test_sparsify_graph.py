@@ -355,3 +355,27 @@ def test_gradient_mode_switches_in_a_forward_are_kept():
     with torch.no_grad():
         out = s(torch.randn(1, 3, 6, 6, dtype=F64))
     assert torch.is_grad_enabled() and not out.requires_grad  # the caller's mode, restored after the block
+
+
+class Signatures(nn.Module):
+    """*args, keyword-only arguments and a None default: torch.fx reorders and renames these parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x, *extra, scale=1.0, y=None):
+        h = self.c(x) if y is None else self.c(x) + y
+        return {"out": self.d(F.relu(h)) * scale + extra[0]}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 2.0}, {"y": None, "scale": 3.0}, {"y": "tensor"}])
+def test_calls_with_any_signature(kwargs):
+    g = Signatures().to(F64)
+    s = sparsify(g, k=1.0)
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    if kwargs.get("y") == "tensor":
+        kwargs = {"y": torch.randn(1, 4, 1, 1, dtype=F64)}
+    torch.testing.assert_close(s(x, 0.5, **kwargs)["out"], g(x, 0.5, **kwargs)["out"], rtol=0, atol=1e-12)
+    report = sk.sparsify_report(g, (x, 0.5), verbose=False)
+    assert report.coverage == 1.0 and [r.name for r in report.sites] == [":relu"]

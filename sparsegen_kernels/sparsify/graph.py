@@ -422,6 +422,33 @@ def _none_params(module: nn.Module) -> tuple:
     return tuple(p.name for p in list(sig.parameters.values())[1:] if p.kind in kinds and p.default is None)
 
 
+class Signature:
+    """The module's own ``forward`` signature, and how a call of it maps onto the generated code's parameters:
+    ``torch.fx`` puts keyword-only parameters before ``*args`` and renames an argument fixed to None."""
+
+    def __init__(self, module: nn.Module):
+        self.sig = inspect.signature(type(module).forward)
+        params = list(self.sig.parameters.values())[1:]
+        P = inspect.Parameter
+        self.simple = all(p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD) for p in params)
+        self.fixed = [p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)] + \
+            [p.name for p in params if p.kind == P.KEYWORD_ONLY]
+        self.var = next((p.name for p in params if p.kind == P.VAR_POSITIONAL), None)
+        self.varkw = next((p.name for p in params if p.kind == P.VAR_KEYWORD), None)
+
+    def bind(self, owner, args, kwargs) -> dict:
+        b = self.sig.bind(owner, *args, **kwargs)
+        b.apply_defaults()
+        return b.arguments
+
+    def in_graph_order(self, arguments: dict) -> tuple:
+        """``(positional values, keyword values)`` for the generated code (or an interpreter) from bound arguments."""
+        pos = [arguments[n] for n in self.fixed]
+        if self.var is not None:
+            pos += list(arguments[self.var])
+        return pos, (dict(arguments[self.varkw]) if self.varkw is not None else {})
+
+
 class TracedForward:
     """The ``forward`` of a unit with rewritten sites: the generated code of one rewritten trace per training flag
     and per pattern of ``None`` arguments (among those that default to ``None``), bound to the module.
@@ -450,28 +477,25 @@ class TracedForward:
 
     def _init_runtime(self) -> None:
         self._none_params = _none_params(self.owner)
-        self._sig = inspect.signature(type(self.owner).forward) if self._none_params else None
+        self._sig = Signature(self.owner)
         # Compiled now, not at the first call, so that torch.compile finds plain functions to trace.
         self._fns: dict = {}
         for key in self.graphs:
             self._build(key)
 
-    def _key(self, args, kwargs):
-        if not self._none_params:
-            return (self.owner.training, frozenset())
-        try:
-            b = self._sig.bind(self.owner, *args, **kwargs)
-        except TypeError:
-            return (self.owner.training, frozenset())
-        nones = frozenset(p for p in self._none_params if b.arguments.get(p) is None)
-        return (self.owner.training, nones)
-
     def __call__(self, *args, **kwargs):
-        key = self._key(args, kwargs)
+        if self._sig.simple and not kwargs and not self._none_params:  # G(z): nothing to bind
+            key, gargs, gkwargs = (self.owner.training, frozenset()), args, kwargs
+        else:
+            arguments = self._sig.bind(self.owner, args, kwargs)
+            key = (self.owner.training, frozenset(p for p in self._none_params if arguments[p] is None))
+            gargs, gkwargs = self._sig.in_graph_order(arguments)
         fn = self._fns.get(key)
         if fn is None:
             fn = self._build(key)
-        return fn(self.owner, *args, **kwargs)
+        if self.graphs[key] is None:  # this trace failed: the module's own forward, dense
+            return fn(self.owner, *args, **kwargs)
+        return fn(self.owner, *gargs, **gkwargs)
 
     def _build(self, key):
         if key not in self.graphs:

@@ -11,7 +11,6 @@ otherwise).
 from __future__ import annotations
 
 import copy
-import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..geometry import group_geometry
 from ..modules import SparseUpsampleConv2d
-from .graph import make_plan
+from .graph import Signature, _none_params, make_plan
 from .sites import FUNCTION_ACTS, OTHER_FUNCTION_ACTS, UPSAMPLE, bind, main_input, pass_through, reparam_memo
 from .spec import per_site, resolve_k
 from .switch import has_switch, switch_sites
@@ -212,17 +211,15 @@ class _FakeNode:
 def _interpreter_forward(unit, rec: _Recorder):
     """A forward for ``unit.module`` that interprets its (dense) graph and records the chains."""
     module = unit.module
-    sig = inspect.signature(type(module).forward)
-    none_params = [p.name for p in list(sig.parameters.values())[1:] if p.default is None]
+    sig = Signature(module)
+    none_params = _none_params(module)
 
     def forward(*args, **kwargs):
-        b = sig.bind(module, *args, **kwargs)
-        b.apply_defaults()
-        nones = frozenset(p for p in none_params if b.arguments.get(p) is None)
-        an = unit.analysis((module.training, nones))
-        if an is None:  # this variant cannot be traced: run as it is
+        arguments = sig.bind(module, args, kwargs)
+        an = unit.analysis((module.training, frozenset(p for p in none_params if arguments[p] is None)))
+        values, extra = sig.in_graph_order(arguments)
+        if an is None or extra:  # a trace that failed, or **kwargs an interpreter cannot pass: run as it is
             return type(module).forward(module, *args, **kwargs)
-        values = list(b.arguments.values())[1:]
         return _Interp(module, an, unit, rec).run(*values)
 
     return forward
