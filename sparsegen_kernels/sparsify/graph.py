@@ -13,8 +13,9 @@ error, and reported (see :func:`~sparsegen_kernels.sparsify_report`).
 
 A unit with sites gets a new ``forward``: the code ``torch.fx`` generates for the rewritten graph, bound to the
 module (its class, submodules, parameters and buffers stay as they are). Python control flow on non-tensor values
-is fixed by tracing; the training flag and the ``None``-ness of arguments that default to ``None`` select one of
-several traces, each made (and rewritten) the first time it is needed.
+is fixed by tracing; the training flag (both values traced by ``sparsify``) and the ``None``-ness of arguments that
+default to ``None`` (traced at the first call that needs it) select one of several traces. Gradient-mode switches
+(``torch.no_grad()`` ...) are kept as calls of the graph.
 """
 from __future__ import annotations
 
@@ -413,7 +414,7 @@ def _compile(graph: fx.Graph, owner_name: str):
     return namespace["forward"]
 
 
-def _none_params(module: nn.Module) -> tuple:
+def none_params(module: nn.Module) -> tuple:
     try:
         sig = inspect.signature(type(module).forward)
     except (TypeError, ValueError):
@@ -476,7 +477,7 @@ class TracedForward:
         return g.python_code(root_module="self").src if g is not None else "<the module's own forward>"
 
     def _init_runtime(self) -> None:
-        self._none_params = _none_params(self.owner)
+        self._none_params = none_params(self.owner)
         self._sig = Signature(self.owner)
         # Compiled now, not at the first call, so that torch.compile finds plain functions to trace.
         self._fns: dict = {}

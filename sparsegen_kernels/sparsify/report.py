@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..geometry import group_geometry
 from ..modules import SparseUpsampleConv2d
-from .graph import Signature, _none_params, make_plan
+from .graph import Signature, make_plan, none_params
 from .sites import FUNCTION_ACTS, OTHER_FUNCTION_ACTS, UPSAMPLE, bind, main_input, pass_through, reparam_memo
 from .spec import per_site, resolve_k
 from .switch import has_switch, switch_sites
@@ -212,11 +212,11 @@ def _interpreter_forward(unit, rec: _Recorder):
     """A forward for ``unit.module`` that interprets its (dense) graph and records the chains."""
     module = unit.module
     sig = Signature(module)
-    none_params = _none_params(module)
+    nones_of = none_params(module)
 
     def forward(*args, **kwargs):
         arguments = sig.bind(module, args, kwargs)
-        an = unit.analysis((module.training, frozenset(p for p in none_params if arguments[p] is None)))
+        an = unit.analysis((module.training, frozenset(p for p in nones_of if arguments[p] is None)))
         values, extra = sig.in_graph_order(arguments)
         if an is None or extra:  # a trace that failed, or **kwargs an interpreter cannot pass: run as it is
             return type(module).forward(module, *args, **kwargs)
