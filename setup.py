@@ -65,7 +65,7 @@ setup(
     # The measured provider table that sk.set_backend("auto") reads on GPUs.
     package_data={"sparsegen_kernels": ["backend_table.json"]},
     # Accept the torch a user already has; the Makefile pins the CPU build used for development.
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "pillow"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "pillow", "safetensors"],
     extras_require={
         "triton": ["triton>=3.2"],
         "data": ["scikit-image"],

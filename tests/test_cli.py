@@ -38,7 +38,7 @@ def test_train_then_resume_sample_and_reconstruct(tmp_path, capsys):
     assert main(["reconstruct", "--run", str(out), "--n", "4", "--steps", "3",
                  "--out", str(tmp_path / "r.png")]) == 0
     assert "MSE" in capsys.readouterr().out and (tmp_path / "r.png").is_file()
-    assert main(["reconstruct", "--run", str(out / "checkpoint.pt"), "--data", "parts:n=5,seed=9", "--n", "5",
+    assert main(["reconstruct", "--run", str(out / "checkpoint-00000003.json"), "--data", "parts:n=5,seed=9", "--n", "5",
                  "--steps", "2", "--out", str(tmp_path / "r2.png")]) == 0
 
 
@@ -94,7 +94,7 @@ def test_every_commented_config_field_is_an_option_with_its_comment_as_help():
 
     text = _help_text(build_parser().parse_args(["train", "--out", "x"]).parser)  # the train subcommand's
     comments = {**field_comments(ModelConfig), **field_comments(TrainConfig), **field_comments(RunConfig)}
-    assert len(comments) == 35 and "name" not in comments and "train" not in comments  # nested / unnamed: none
+    assert len(comments) == 38 and "name" not in comments and "train" not in comments  # nested / unnamed: none
     for name, comment in comments.items():
         flag = {"sparse": "--dense", "langevin_noise": "--no-langevin-noise"}.get(name, "--" + name.replace("_", "-"))
         assert flag in text, flag
@@ -155,7 +155,7 @@ def test_resume_errors(tmp_path, capsys):
         main(["train", "--out", str(out), "--resume", "--fc-k", "2", "--dense"])
     err = capsys.readouterr().err
     assert "--dense, --fc-k cannot change" in err and "only --ckpt-every, --device" in err
-    assert main(["sample", "--run", str(tmp_path / "missing")]) == 1
+    assert main(["sample", "--run", str(tmp_path / "missing")]) == 2
 
 
 def test_module_entry_point():

@@ -108,11 +108,11 @@ def test_command_line(runs, tmp_path, capsys, monkeypatch):
     assert os.path.isfile(tmp_path / "a" / "parse.json") and os.path.isfile(tmp_path / "a" / "tree_0.png")
     assert "parse graphs of 1 samples" in capsys.readouterr().out
 
-    assert main(["eval", "--run", str(tmp_path / "nothing")]) == 1
+    assert main(["eval", "--run", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
     monkeypatch.setenv("SPARSEGEN_INCEPTION", str(tmp_path / "missing.pt"))
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    assert main(["eval", "--run", str(runs), "--fid-samples", "4"]) == 1
+    assert main(["eval", "--run", str(runs), "--fid-samples", "4"]) == 2
     assert "no Inception weights" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["report", "--run", str(runs), "--steps", "0"])

@@ -7,8 +7,10 @@
 
 Each subcommand module has ``add_subcommands(subparsers) -> {name: handler}``, with
 ``handler(args, parser) -> exit status``; :mod:`.options` holds what they share. Exit status: 0 on success,
-1 when training stops on a non-finite loss (the last good checkpoint is kept) or a run cannot be read, 2 for
-bad arguments.
+1 when training stops on a non-finite loss or weight (the last good checkpoint is kept), 2 for anything the user
+can fix: a bad option value, a device that is not there, data that do not load, an output path that cannot be
+written, a run none of whose checkpoints loads (one line on stderr, naming the option; a traceback means a bug),
+130 when interrupted.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import generate, readout, train
-from .options import PROG
+from .options import PROG, UsageError
 
 __all__ = ["build_parser", "main"]
 
@@ -36,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``sparsegen`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return args.handler(args, args.parser)
+    try:
+        return args.handler(args, args.parser)
+    except UsageError as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

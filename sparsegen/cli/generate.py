@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .options import PROG, nonneg_int, positive_float, positive_int
+from .options import (PROG, UsageError, check_device, check_out_file, nonneg_int, positive_float,
+                      positive_int)
 
 
 def add_subcommands(subparsers) -> dict:
@@ -34,14 +35,26 @@ def add_subcommands(subparsers) -> dict:
     return {"sample": cmd_sample, "reconstruct": cmd_reconstruct}
 
 
-def _load(args):
+def warn(args):
+    """A callback printing ``sparsegen <command>: warning: <message>`` on stderr (a corrupt checkpoint skipped)."""
+    return lambda msg: print(f"{PROG} {args.command}: warning: {msg}", file=sys.stderr)
+
+
+def load_run_or_fail(args, device: str = None):
+    """The run of ``--run`` (its newest checkpoint that loads); a :class:`UsageError` when none does."""
     from ..train.trainer import load_run
 
     try:
-        return load_run(args.run, device=args.device)
+        return load_run(args.run, device=device or args.device, on_skip=warn(args))
     except (FileNotFoundError, ValueError) as exc:
-        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
-        return None
+        raise UsageError(f"--run {args.run}: {exc}") from None
+
+
+def _load(args):
+    check_device("--device", args.device)
+    loaded = load_run_or_fail(args)
+    check_out_file("--out", _out_path(args, "x.png"))
+    return loaded
 
 
 def _out_path(args, default_name: str) -> str:
@@ -57,8 +70,6 @@ def cmd_sample(args, parser) -> int:
     from ..train.pictures import save_grid
 
     loaded = _load(args)
-    if loaded is None:
-        return 1
     rng = torch.Generator().manual_seed(args.seed)
     images = loaded.generator.sample(args.n, rng=rng).float().cpu()
     path = save_grid(images, _out_path(args, f"samples_seed{args.seed}.png"))
@@ -74,13 +85,11 @@ def cmd_reconstruct(args, parser) -> int:
     from ..train.pictures import save_grid
 
     loaded = _load(args)
-    if loaded is None:
-        return 1
     run, g = loaded.config, loaded.generator
     try:
         data = load_dataset(args.data or run.data, run.model.image_size, run.model.image_channels)
-    except ValueError as exc:
-        parser.error(str(exc))
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--data {args.data or run.data}: {exc}") from None
     n = min(args.n, len(data))
     y = data.batch(torch.arange(n)).to(args.device)
     if args.data is None:

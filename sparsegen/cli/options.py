@@ -19,12 +19,66 @@ import ast
 import dataclasses
 import inspect
 import io
+import os
+import tempfile
 import textwrap
 import tokenize
 import typing
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 PROG = "sparsegen"
+
+
+class UsageError(Exception):
+    """Something the user asked for that cannot be done: :func:`sparsegen.cli.main` prints
+    ``sparsegen <command>: <message>`` on one line and exits with status 2. The message starts with the option."""
+
+
+def check_device(option: str, device: str) -> None:
+    """A :class:`UsageError` unless ``device`` (``cpu``, ``cuda``, ``cuda:<i>``) can be used here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{option} {device}: not a device (expected cpu, cuda or cuda:<index>)") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise UsageError(f"{option} {device}: expected cpu, cuda or cuda:<index>")
+    if not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        raise UsageError(f"{option} {device}: CUDA is not available ({why})")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"{option} {device}: there are {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _probe_writable(option: str, path: str, d: str) -> None:
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=d)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+def check_out_dir(option: str, path: str) -> None:
+    """A :class:`UsageError` unless ``path`` is (or can be made) a directory this process can write in."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path}: exists and is not a directory")
+    _probe_writable(option, path, path)
+
+
+def check_out_file(option: str, path: str) -> None:
+    """A :class:`UsageError` unless a file can be written at ``path`` (not a directory; its folder writable)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory; name the file to write")
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise UsageError(f"{option} {path}: {d} is not a directory")
+    _probe_writable(option, path, d)
 
 
 def _int(lo: int, what: str):

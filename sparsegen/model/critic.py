@@ -51,30 +51,40 @@ class EnergyCritic(nn.Module):
 
 
 def critic_loss(critic: nn.Module, real: Tensor, fake: Tensor, *, gp_weight: float = 10.0,
-                eps: Optional[Tensor] = None, energy_l2: float = 0.0) -> tuple:
+                eps: Optional[Tensor] = None, energy_l2: float = 0.0, gp_batch: Optional[int] = None) -> tuple:
     """Critic objective of Algorithm 1 step 1 (Eq. 21), to be minimised over Phi.
 
     ``mean f(real) - mean f(fake)`` (observed images get lower energy than syntheses)
     ``+ gp_weight * mean((||grad_x f(x)|| - 1)^2)`` at ``x = eps * real + (1 - eps) * fake`` (WGAN-GP)
     ``+ energy_l2 * mean(f(real)^2)`` (keeps the energies near zero). ``real, fake [N, C, S, S]``,
-    ``eps [N, 1, 1, 1]`` uniform in [0, 1] (required when ``gp_weight > 0``). One forward pass over all
-    images (as DistributedDataParallel wants). Returns ``(loss, stats)``, ``stats`` a dict of detached
-    scalars: ``energy_real``, ``energy_fake``, ``gp``.
+    ``eps [N, 1, 1, 1]`` uniform in [0, 1] (required when ``gp_weight > 0``). Returns ``(loss, stats)``,
+    ``stats`` a dict of detached scalars: ``energy_real``, ``energy_fake``, ``gp``.
+
+    ``gp_batch``: the penalty on the first ``gp_batch`` examples only (their ``x`` from ``eps[:gp_batch]``), in a
+    forward pass of its own, so that the double backward keeps the activations of ``gp_batch`` images only;
+    ``None`` or ``>= N``: on all of them, in one forward pass over ``[real, fake, x]`` (as DistributedDataParallel
+    likes best).
     """
     n = real.shape[0]
+    m = n if gp_batch is None else min(int(gp_batch), n)
+    if gp_weight > 0 and m < 1:
+        raise ValueError(f"critic_loss: gp_batch must be >= 1, got {gp_batch}")
     parts = [real, fake.detach()]
+    x = None
     if gp_weight > 0:
         if eps is None:
             raise ValueError("critic_loss needs eps [N, 1, 1, 1] when gp_weight > 0")
-        x = (eps * real + (1 - eps) * fake.detach()).detach().requires_grad_(True)
-        parts.append(x)
+        x = (eps[:m] * real[:m] + (1 - eps[:m]) * fake[:m].detach()).detach().requires_grad_(True)
+        if m == n:
+            parts.append(x)
     with torch.enable_grad():
         f = critic(torch.cat(parts))
         f_real, f_fake = f[:n], f[n:2 * n]
         loss = f_real.mean() - f_fake.mean()
         gp = torch.zeros((), device=real.device)
-        if gp_weight > 0:
-            (g,) = torch.autograd.grad(f[2 * n:].sum(), x, create_graph=True)
+        if x is not None:
+            f_x = f[2 * n:] if m == n else critic(x)
+            (g,) = torch.autograd.grad(f_x.sum(), x, create_graph=True)
             gp = ((g.float().flatten(1).norm(dim=1) - 1) ** 2).mean()
             loss = loss + gp_weight * gp
         if energy_l2 > 0:

