@@ -1,7 +1,8 @@
 """The C++ CPU kernels (csrc/cpu), called directly as ``torch.ops.sparsegen.*``, against reference.py.
 
-Both compiled copies of the hot loops are checked: the AVX2+FMA one (where the CPU has it) and the
-baseline one, selected per call with ``SPARSEGEN_CPU_ISA`` ("auto" / "default").
+Every compiled copy of the hot loops is checked, selected per call with ``SPARSEGEN_CPU_ISA``: "auto" (the
+widest the CPU has: the convolutions' AVX-512 copy, with 16-float chunks, where Cout is wide enough), "avx2"
+(AVX2+FMA, 8-float chunks) and "default" (the baseline build).
 Selection and layout must match the reference bit for bit (values and indices). Convolutions and their gradients
 follow the rule of tolerance.py: every element against a float64 reference, float32 results at most twice the
 largest error of PyTorch's own op in float32 on the CPU (``F.conv_transpose2d``, ``F.interpolate`` +
@@ -20,7 +21,7 @@ ops = torch.ops.sparsegen
 F64 = torch.float64
 
 
-@pytest.fixture(params=["auto", "default"])
+@pytest.fixture(params=["auto", "avx2", "default"])
 def isa(request, monkeypatch):
     monkeypatch.setenv("SPARSEGEN_CPU_ISA", request.param)
     return request.param
@@ -149,6 +150,7 @@ CONV_CASES = [
     (2, 8, 16, 4, 4, 4, 4, (2, 2), (1, 1), (0, 0), "spatial", 4),  # the folded upsample geometry
     (2, 40, 20, 3, 5, 3, 3, (1, 1), (0, 0), (0, 0), "spatial", 9),  # many entries per channel: packed weight
     (2, 64, 33, 2, 2, 4, 4, (2, 2), (1, 1), (0, 0), "channel", 2),  # few entries per channel: weight in place
+    (2, 64, 32, 2, 2, 4, 4, (2, 2), (1, 1), (0, 0), "channel", 2),  # weight in place, whole chunks of any width
     (3, 6, 7, 5, 6, 3, 2, (2, 3), (1, 0), (1, 2), "global", 17),
     (1, 5, 18, 4, 5, 5, 5, (3, 2), (2, 3), (2, 1), "spatial", 7),
     (2, 3, 1, 1, 1, 1, 1, (1, 1), (0, 0), (0, 0), "spatial", 1),

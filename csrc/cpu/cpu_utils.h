@@ -15,10 +15,11 @@
 namespace sparsegen {
 namespace cpu {
 
-// The hot loops are compiled twice: once for the baseline x86-64 target the extension is built for
-// and once with AVX2+FMA (csrc/cpu/*_impl.h included under `#pragma GCC target`). The AVX2 copy is
-// used when the CPU has it. SPARSEGEN_CPU_ISA=default forces the baseline copy (read at every call,
-// so tests can exercise both copies in one process); "auto" (or unset) picks the best available.
+// The hot loops are compiled for the baseline x86-64 target the extension is built for, with AVX2+FMA
+// and (the convolution's) with AVX-512 (csrc/cpu/*_impl.h included under `#pragma GCC target`, see
+// isa_copies.h). The widest copy the CPU runs is used. SPARSEGEN_CPU_ISA (read at every call, so tests
+// can exercise every copy in one process) caps it: "default" forces the baseline copy, "avx2" the AVX2
+// one; "auto" (or unset) picks the best available.
 inline bool cpu_supports_avx2_fma() {
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
   static const bool ok = [] {
@@ -31,11 +32,27 @@ inline bool cpu_supports_avx2_fma() {
 #endif
 }
 
-inline bool use_avx2() {
-  if (!cpu_supports_avx2_fma()) return false;
-  const char* isa = std::getenv("SPARSEGEN_CPU_ISA");
-  return isa == nullptr || std::strcmp(isa, "default") != 0;
+inline bool cpu_supports_avx512() {
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return cpu_supports_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq");
+  }();
+  return ok;
+#else
+  return false;
+#endif
 }
+
+inline bool isa_capped_at(const char* name) {
+  const char* isa = std::getenv("SPARSEGEN_CPU_ISA");
+  return isa != nullptr && std::strcmp(isa, name) == 0;
+}
+
+inline bool use_avx2() { return cpu_supports_avx2_fma() && !isa_capped_at("default"); }
+
+inline bool use_avx512() { return cpu_supports_avx512() && !isa_capped_at("default") && !isa_capped_at("avx2"); }
 
 inline void check_float_tensor(const at::Tensor& t, const char* what, const char* op) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "sparsegen.", op, ": ", what,

@@ -58,25 +58,18 @@ struct ConvGeom {
 }  // namespace sparsegen
 
 #define SPARSEGEN_ISA_IMPL "sparse_conv_impl.h"
+#define SPARSEGEN_ISA_WANT_AVX512 1
 #include "isa_copies.h"
 
 namespace sparsegen {
 namespace cpu {
 namespace {
 
-// Output channels per chunk: the gradients take two vectors (16 floats / 8 doubles: one 64-byte cache
-// line), the forward one.
-template <typename T>
-constexpr int64_t chunk_width() {
-  return 2 * isa_default::VecT<T>::L;
-}
-template <typename T>
-constexpr int64_t fwd_chunk_width() {
-  return isa_default::VecT<T>::L;
-}
-
+// The loops of one compiled copy and its chunk widths (output channels per chunk): the forward takes
+// one vector (8 floats with AVX2, 16 with AVX-512), the gradients two.
 template <typename T>
 struct ConvFns {
+  int64_t fwd_vw, grad_vw;
   void (*fwd)(const ConvGeom&, const int64_t*, const int32_t*, const T*, const T*, const T*, const int64_t*,
               const int64_t*, int64_t, int64_t, int64_t, bool, T*, T*);
   void (*igrad)(const ConvGeom&, const int64_t*, const int32_t*, const int64_t*, const T*, const int64_t*, const T*,
@@ -85,12 +78,25 @@ struct ConvFns {
                 T*);
 };
 
+// The widest copy the CPU runs (see cpu_utils.h), except that the AVX-512 one is taken only where its
+// wider chunk saves vector instructions: Cout above the AVX2 chunk (so a 3-channel output layer keeps
+// 8-wide chunks instead of padding 3 channels to 16). forward: the op's chunk is one vector, else two.
 template <typename T>
-ConvFns<T> conv_fns() {
-#ifdef SPARSEGEN_HAVE_AVX2_COPY
-  if (use_avx2()) return {&isa_avx2::fwd_task<T>, &isa_avx2::igrad_task<T>, &isa_avx2::wgrad_task<T>};
+ConvFns<T> conv_fns(int64_t Cout, bool forward) {
+#ifdef SPARSEGEN_HAVE_AVX512_COPY
+  if (use_avx512() && Cout > (forward ? 1 : 2) * isa_avx2::VecT<T>::L) {
+    constexpr int64_t L = isa_avx512::VecT<T>::L;
+    return {L, 2 * L, &isa_avx512::fwd_task<T>, &isa_avx512::igrad_task<T>, &isa_avx512::wgrad_task<T>};
+  }
 #endif
-  return {&isa_default::fwd_task<T>, &isa_default::igrad_task<T>, &isa_default::wgrad_task<T>};
+#ifdef SPARSEGEN_HAVE_AVX2_COPY
+  if (use_avx2()) {
+    constexpr int64_t L = isa_avx2::VecT<T>::L;
+    return {L, 2 * L, &isa_avx2::fwd_task<T>, &isa_avx2::igrad_task<T>, &isa_avx2::wgrad_task<T>};
+  }
+#endif
+  constexpr int64_t L = isa_default::VecT<T>::L;
+  return {L, 2 * L, &isa_default::fwd_task<T>, &isa_default::igrad_task<T>, &isa_default::wgrad_task<T>};
 }
 
 std::vector<int64_t> int4_shape(c10::SymIntArrayRef s, const char* name, const char* op) {
@@ -145,8 +151,8 @@ struct WeightView {
 // Read in place when the output channels are contiguous and fill whole chunks and when the weight
 // is streamed (few entries per input channel); otherwise pack [nchunks][Cin][T][VW] so that one
 // chunk's columns are one contiguous block that stays in cache.
-template <typename T, int64_t VW>
-WeightView<T> weight_view(const at::Tensor& weight, ConvGeom& g, bool packed) {
+template <typename T>
+WeightView<T> weight_view(const at::Tensor& weight, ConvGeom& g, bool packed, int64_t VW) {
   WeightView<T> v;
   const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
   if (!packed && s1 == 1 && g.Cout % VW == 0) {
@@ -189,8 +195,7 @@ WeightView<T> weight_view(const at::Tensor& weight, ConvGeom& g, bool packed) {
 
 // grad_out [N, Cout, Ho, Wo] -> zero-bordered, chunked channels-last [nchunks][N][Hp][Wp][VW].
 template <typename T>
-at::Tensor pad_grad(const at::Tensor& grad_out, const ConvGeom& g) {
-  constexpr int64_t VW = chunk_width<T>();
+at::Tensor pad_grad(const at::Tensor& grad_out, const ConvGeom& g, int64_t VW) {
   at::Tensor gpad = at::empty({g.nchunks, g.N, g.Hp, g.Wp, VW}, grad_out.options());
   const at::Tensor go = grad_out.contiguous();
   const T* src = go.data_ptr<T>();
@@ -326,7 +331,7 @@ struct ChannelLists {
 };
 
 template <typename T>
-ChannelLists<T> channel_lists(const SparseInput<T>& in, const ConvGeom& g) {
+ChannelLists<T> channel_lists(const SparseInput<T>& in, const ConvGeom& g, int64_t vw) {
   const int64_t C = g.Cin;
   std::vector<int64_t> cnt(static_cast<size_t>(g.N * C), 0);  // per (sample, channel)
   at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
@@ -353,7 +358,7 @@ ChannelLists<T> channel_lists(const SparseInput<T>& in, const ConvGeom& g) {
       in.for_each(n, g, true, [&](int64_t c, int64_t p, T v, int64_t) {
         const int64_t q = cur[c]++;
         const int64_t ih = p / g.W, iw = p % g.W;
-        L.pos[q] = ((n * g.Hp + ih * g.sh) * g.Wp + iw * g.sw) * chunk_width<T>();
+        L.pos[q] = ((n * g.Hp + ih * g.sh) * g.Wp + iw * g.sw) * vw;
         L.val[q] = v;
       });
     }
@@ -435,14 +440,14 @@ at::Tensor sparse_conv_transpose2d_cpu(const at::Tensor& values, const c10::opti
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_conv_transpose2d", [&] {
     using T = scalar_t;
-    constexpr int64_t VW = fwd_chunk_width<T>();
+    const ConvFns<T> fns = conv_fns<T>(wshape[1], /*forward=*/true);
+    const int64_t VW = fns.fwd_vw;
     ConvGeom g = make_geom(s.shape, wshape, stride, padding, Ho, Wo, VW, op);
     const SparseInput<T> in = sparse_input<T>(s, op);
     const PositionLists<T> L = position_lists<T>(in, g, /*skip_zeros=*/true, /*want_slot=*/false);
     const bool reuse = static_cast<int64_t>(L.ch.size()) >= kPackReuse * std::max<int64_t>(g.Cin, 1);
-    const WeightView<T> wv = weight_view<T, VW>(weight, g, reuse);
+    const WeightView<T> wv = weight_view<T>(weight, g, reuse, VW);
     const std::vector<int64_t> boff = pixel_offsets(g, VW);
-    const ConvFns<T> fns = conv_fns<T>();
     const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
     T* op_ = out.data_ptr<T>();
     // Reused weight: one task per (chunk, sample), consecutive tasks share the chunk's weight columns.
@@ -505,7 +510,8 @@ at::Tensor sparse_conv_transpose2d_input_grad_cpu(const at::Tensor& grad_out, co
   if (gv.numel() == 0) return gv;
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sparse_conv_transpose2d_input_grad", [&] {
     using T = scalar_t;
-    constexpr int64_t VW = chunk_width<T>();
+    const ConvFns<T> fns = conv_fns<T>(wshape[1], /*forward=*/false);
+    const int64_t VW = fns.grad_vw;
     ConvGeom g = make_geom(in, wshape, stride, padding, grad_out.size(2), grad_out.size(3), VW, op);
     // Values are not needed: a stand-in of ones makes every entry count (zeros included).
     const Groups gr = groups_of(md, in[1], in[2], in[3]);
@@ -514,10 +520,9 @@ at::Tensor sparse_conv_transpose2d_input_grad_cpu(const at::Tensor& grad_out, co
     sin.val = ones.data();
     const PositionLists<T> L = position_lists<T>(sin, g, /*skip_zeros=*/false, /*want_slot=*/true);
     const bool reuse = static_cast<int64_t>(L.ch.size()) >= kPackReuse * std::max<int64_t>(g.Cin, 1);
-    const WeightView<T> wv = weight_view<T, VW>(weight, g, reuse);
-    const at::Tensor gpad = pad_grad<T>(grad_out, g);
+    const WeightView<T> wv = weight_view<T>(weight, g, reuse, VW);
+    const at::Tensor gpad = pad_grad<T>(grad_out, g, VW);
     const std::vector<int64_t> goff = pixel_offsets(g, VW);
-    const ConvFns<T> fns = conv_fns<T>();
     const int64_t HW = g.H * g.W;
     const int64_t nthreads = at::get_num_threads();
     const int64_t blocks = std::min<int64_t>(HW, std::max<int64_t>(1, (4 * nthreads + g.N - 1) / g.N));
@@ -551,17 +556,17 @@ at::Tensor sparse_conv_transpose2d_weight_grad_cpu(const at::Tensor& grad_out, c
   if (dW.numel() == 0) return dW;
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sparse_conv_transpose2d_weight_grad", [&] {
     using T = scalar_t;
-    constexpr int64_t VW = chunk_width<T>();
+    const ConvFns<T> fns = conv_fns<T>(wshape[1], /*forward=*/false);
+    const int64_t VW = fns.grad_vw;
     const ConvGeom g = make_geom(s.shape, wshape, stride, padding, grad_out.size(2), grad_out.size(3), VW, op);
     const SparseInput<T> in = sparse_input<T>(s, op);
-    const ChannelLists<T> L = channel_lists<T>(in, g);
+    const ChannelLists<T> L = channel_lists<T>(in, g, VW);
     if (L.pos.empty()) {
       dW.zero_();
       return;
     }
-    const at::Tensor gpad = pad_grad<T>(grad_out, g);
+    const at::Tensor gpad = pad_grad<T>(grad_out, g, VW);
     const std::vector<int64_t> goff = pixel_offsets(g, VW);
-    const ConvFns<T> fns = conv_fns<T>();
     const T* gp = gpad.data_ptr<T>();
     T* dwp = dW.data_ptr<T>();
     at::parallel_for(0, g.Cin, 1, [&](int64_t b, int64_t e) {

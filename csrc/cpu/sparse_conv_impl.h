@@ -1,7 +1,8 @@
 // Inner loops of the sparse transposed convolution (forward, input gradient, weight gradient).
-// Included twice by sparse_conv_cpu.cpp, inside namespace isa_default and (under
-// `#pragma GCC target("avx2,fma")`) inside namespace isa_avx2; hence no include guard and no #include.
-// Uses ConvGeom from sparse_conv_cpu.cpp.
+// Included three times by sparse_conv_cpu.cpp (see isa_copies.h): inside namespace isa_default, isa_avx2
+// (`#pragma GCC target("avx2,fma")`) and isa_avx512; hence no include guard and no #include. A vector is
+// 32 bytes, 64 in the AVX-512 copy, so the chunk widths differ per copy: the caller takes them from
+// the copy it runs (VecT<T>::L). Uses ConvGeom from sparse_conv_cpu.cpp.
 //
 // Layouts (T = kh * kw taps, tap t = i * kw + j; VW = one chunk of output channels: one vector in the
 // forward, two in the gradients):
@@ -12,17 +13,16 @@
 // Input (ih, iw) with tap (i, j) reaches padded output pixel (ih * sh + i, iw * sw + j).
 // Every loop keeps its accumulators in registers: a block of taps x one chunk of output channels.
 
+#ifdef SPARSEGEN_ISA_AVX512
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+
 template <typename T>
-struct VecT;
-template <>
-struct VecT<float> {
-  typedef float V __attribute__((vector_size(32)));
-  static constexpr int L = 8;
-};
-template <>
-struct VecT<double> {
-  typedef double V __attribute__((vector_size(32)));
-  static constexpr int L = 4;
+struct VecT {
+  typedef T V __attribute__((vector_size(kVectorBytes)));
+  static constexpr int L = kVectorBytes / static_cast<int>(sizeof(T));
 };
 
 template <typename T>
@@ -33,12 +33,12 @@ static inline typename VecT<T>::V vload(const T* p) {
 }
 
 template <typename T>
-static inline void vstore(T* p, typename VecT<T>::V v) {
+static inline void vstore(T* p, const typename VecT<T>::V& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
 template <typename T>
-static inline T hsum(typename VecT<T>::V v) {
+static inline T hsum(const typename VecT<T>::V& v) {
   T s = T(0);
   for (int l = 0; l < VecT<T>::L; ++l) s += v[l];
   return s;
