@@ -172,16 +172,18 @@ def random_dataset(n: int, shape: tuple, seed: int):
 
 
 def make_trainer(provider: str, config: str, batch: int, langevin_steps: int, device: torch.device, seed: int = 0,
-                 amp: bool = False):
+                 amp: bool = False, gp_every: int = 1, gp_batch: int = 0):
     """A :class:`sparsegen.Trainer` whose generator is ``provider``'s (the same weights for every provider);
-    ``amp``: ``TrainConfig(amp=True)``, bfloat16 autocast of the forward passes."""
+    ``amp``: ``TrainConfig(amp=True)``, bfloat16 autocast of the forward passes; ``gp_every``, ``gp_batch``: those
+    of :class:`sparsegen.TrainConfig` (the gradient penalty's schedule and sub-batch)."""
     from sparsegen import RunConfig, TrainConfig, Trainer, model_config
     from sparsegen_kernels.sparsify import sparsify
 
     if mode_of(provider) == "graph":
         raise ValueError(f"{provider}: CUDA graphs are measured on forward and langevin only")
     mcfg = model_config(config)
-    train = TrainConfig(batch_size=batch, langevin_steps=langevin_steps, device=str(device), seed=seed, amp=amp)
+    train = TrainConfig(batch_size=batch, langevin_steps=langevin_steps, device=str(device), seed=seed, amp=amp,
+                        gp_every=gp_every, gp_batch=gp_batch)
     run = RunConfig(model=mcfg, sparse=False, data="random", train=train)
     trainer = Trainer(run, random_dataset(batch, mcfg.image_shape, seed), log=lambda s: None)
     gen = trainer.generator
@@ -389,6 +391,11 @@ def parse_args(argv=None):
     p.add_argument("--langevin-steps", type=int,
                    help="l_G of the train_iter workload (default: TrainConfig's 20 on a GPU, 5 on a CPU, "
                    "2 with --quick)")
+    p.add_argument("--gp-every", type=int, default=1,
+                   help="train_iter: TrainConfig.gp_every (default 1). The measured iteration is a run's first, "
+                   "so with N > 1 it is one without the gradient penalty (the penalty's iterations are N, 2N, ...)")
+    p.add_argument("--gp-batch", type=int, default=0,
+                   help="train_iter: TrainConfig.gp_batch, the penalty on the first M examples (default 0: all)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds; no new measurement starts after this (results so far are kept)")
     p.add_argument("--profile", action="store_true",
@@ -479,6 +486,7 @@ def main(argv=None) -> dict:
     result = {"benchmark": "generator", "quick": args.quick, "config": args.config, "environment": env,
               "settings": {"batches": batches, "train_batches": train_batches, "repeats": repeats,
                            "train_repeats": train_repeats, "langevin_steps_train_iter": l_g,
+                           "gp_every": args.gp_every, "gp_batch": args.gp_batch,
                            "providers": args.providers, "workloads": args.workloads,
                            "compile_everywhere": args.compile_everywhere,
                            "dtype": args.dtype, "tf32": args.tf32,
@@ -536,7 +544,8 @@ def main(argv=None) -> dict:
                 if wl == "train_iter":
                     def train_setup(p=None, batch=batch, trainers=trainers):
                         if p not in trainers:
-                            trainers[p] = make_trainer(p, args.config, batch, l_g, device, amp=amp)
+                            trainers[p] = make_trainer(p, args.config, batch, l_g, device, amp=amp,
+                                                       gp_every=args.gp_every, gp_batch=args.gp_batch)
                         run, warm, mem = train_workload(trainers[p], batch, device)
                         return {"run": run, "warmup": warm, "memory": mem, "calls": 1}
                     for row in block:

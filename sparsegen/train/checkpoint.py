@@ -290,7 +290,7 @@ def non_finite(state: Any, where: str = "") -> Optional[str]:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc)
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    m = re.search(r"(?:[Uu]nsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
     if m:
         return f"it holds a pickle that would call {m.group(1)}: refused, nothing was run"
     if "Weights only load failed" in text:
@@ -368,7 +368,7 @@ def load_file(path: PathLike) -> dict:
 
 def load_latest(run_dir: PathLike, on_skip: Optional[Callable[[str], None]] = None) -> Tuple[dict, str, List[str]]:
     """The newest checkpoint of ``run_dir`` that loads and verifies: ``(state, path, skipped)``, ``skipped`` the
-    newer checkpoint files that did not (each reported to ``on_skip`` with the reason). Raises
+    newer checkpoint files that did not (each reported to ``on_skip`` with the reason, once one loads). Raises
     :class:`NoCheckpointError` (one line) when there is none, or none loads."""
     run_dir = os.fspath(run_dir)
     found = list_checkpoints(run_dir)
@@ -381,9 +381,10 @@ def load_latest(run_dir: PathLike, on_skip: Optional[Callable[[str], None]] = No
         except (CheckpointError, FileNotFoundError) as exc:
             skipped.append(path)
             reasons.append(str(exc))
-            if on_skip is not None:
-                on_skip(f"skipped the corrupt checkpoint {exc}")
             continue
+        if on_skip is not None:
+            for reason in reasons:
+                on_skip(f"skipped the corrupt checkpoint {reason}")
         return state, path, skipped
     raise NoCheckpointError(f"no checkpoint in {run_dir} loads: " + "; ".join(reasons))
 
